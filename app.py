@@ -1,0 +1,69 @@
+"""The web process: create_app() builds the Flask app that receives webhooks."""
+
+import logging
+import sys
+
+import click
+from flask import Flask, jsonify
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException
+
+from core import logs
+from core.config import ConfigError, settings
+
+logger = logging.getLogger(__name__)
+
+# The largest route limit (DocuSign Connect can carry whole PDFs); each route sets its own.
+MAX_BODY_BYTES = 25 * 1024 * 1024
+
+
+def create_app() -> Flask:
+    """The app with its receivers, health, metrics and run-history API."""
+    try:
+        current = settings()
+    except ConfigError as exc:
+        sys.exit(f"config error: {exc}")
+    logs.configure(current.log_level)
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.ensure_ascii = False
+
+    from receivers import webhooks
+    from web.api import api
+    from web.health import health
+
+    app.register_blueprint(webhooks)
+    app.register_blueprint(health)
+    app.register_blueprint(api)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _crash)
+    _register_commands(app)
+    return app
+
+
+def _http_error(exc: HTTPException) -> ResponseReturnValue:
+    # abort(4xx, "sentence") carries the sentence; werkzeug's defaults are sentences too.
+    return jsonify(error=exc.description), exc.code or 500
+
+
+def _crash(exc: Exception) -> ResponseReturnValue:
+    logger.exception("unhandled error")
+    return jsonify(error="The server failed to handle this request; it has been logged."), 500
+
+
+def _register_commands(app: Flask) -> None:
+    @app.cli.command("migrate")
+    def migrate() -> None:
+        """Apply the Alembic migrations to DATABASE_URL."""
+        from core.migrate import upgrade_database
+
+        upgrade_database()
+        click.echo("database is at the newest revision")
+
+    @app.cli.command("sweep")
+    def sweep() -> None:
+        """Queue again the events that are stored but not queued or lost their worker."""
+        from core.recovery import requeue_stranded
+
+        click.echo(f"requeued {requeue_stranded()} events")

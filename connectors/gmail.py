@@ -1,0 +1,138 @@
+"""Gmail: users.messages.send through google-api-python-client, MIME built by the stdlib."""
+
+import base64
+import json
+import logging
+import socket
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import formatdate
+from typing import Any
+
+import google_auth_httplib2
+import httplib2
+from google.auth.exceptions import RefreshError, TransportError
+from google.oauth2.credentials import Credentials
+from googleapiclient.discovery import build
+from googleapiclient.errors import HttpError
+
+from connectors.errors import PermanentVendorError, TransientVendorError, VendorError
+from connectors.retry import call_with_retry
+from core.config import Google, Retry
+
+logger = logging.getLogger(__name__)
+
+VENDOR = "gmail"
+SCOPES = [
+    "https://www.googleapis.com/auth/gmail.send",
+    "https://www.googleapis.com/auth/gmail.readonly",
+]
+# Google reports some quota limits as 403; only these reasons are worth a retry.
+THROTTLE_REASONS = {"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded"}
+
+
+def _reasons(exc: HttpError) -> set[str]:
+    try:
+        error = json.loads(exc.content or b"{}").get("error", {})
+    except ValueError:
+        return set()
+    return {item.get("reason", "") for item in error.get("errors") or [] if isinstance(item, dict)}
+
+
+def _classify(exc: Exception, what: str) -> VendorError:
+    if isinstance(exc, HttpError):
+        status = exc.resp.status
+        body = (exc.content or b"").decode("utf-8", "replace")
+        request_id = exc.resp.get("x-guploader-uploadid") or exc.resp.get("x-request-id")
+        retry_after = exc.resp.get("retry-after")
+        kwargs = {
+            "status": status,
+            "body": body,
+            "request_id": request_id,
+            "retry_after": float(retry_after) if retry_after and retry_after.isdigit() else None,
+        }
+        if status == 429 or status >= 500 or (status == 403 and _reasons(exc) & THROTTLE_REASONS):
+            return TransientVendorError(VENDOR, f"{what} answered {status}", **kwargs)
+        return PermanentVendorError(VENDOR, f"{what} answered {status}", **kwargs)
+    if isinstance(exc, RefreshError):
+        # invalid_grant stays until someone authorises the app again.
+        return PermanentVendorError(
+            VENDOR, f"{what}: the Google refresh token was refused ({exc.args[0]}); "
+            "run the OAuth consent again and set GOOGLE_REFRESH_TOKEN",
+        )
+    return TransientVendorError(VENDOR, f"{what}: {exc.__class__.__name__}")
+
+
+def build_message(
+    *,
+    sender_name: str,
+    sender_email: str,
+    to_name: str | None,
+    to_email: str,
+    reply_to: str,
+    subject: str,
+    text: str,
+    html: str,
+    message_id: str,
+) -> EmailMessage:
+    """A text and HTML message; the email package encodes non-ASCII names and subjects."""
+    message = EmailMessage()
+    message["From"] = Address(sender_name, addr_spec=sender_email)
+    # Address(addr_spec=...) keeps a +tag and the case the lead typed.
+    message["To"] = Address(to_name or "", addr_spec=to_email.strip())
+    message["Reply-To"] = reply_to
+    message["Subject"] = subject
+    message["Date"] = formatdate(localtime=False)
+    message["Message-ID"] = message_id
+    message.set_content(text)
+    message.add_alternative(html, subtype="html")
+    return message
+
+
+class GmailClient:
+    """Sends and finds messages of the authorised mailbox."""
+
+    def __init__(self, settings: Google, retry: Retry) -> None:
+        self._retry = retry
+        self._user = settings.sender
+        credentials = Credentials(
+            token=None,
+            refresh_token=settings.refresh_token,
+            token_uri=settings.token_url,
+            client_id=settings.client_id,
+            client_secret=settings.client_secret,
+            scopes=SCOPES,
+        )
+        http = google_auth_httplib2.AuthorizedHttp(
+            credentials, http=httplib2.Http(timeout=settings.timeout_s)
+        )
+        options = {"api_endpoint": settings.api_base_url} if settings.api_base_url else None
+        self._service = build(
+            "gmail", "v1", http=http, static_discovery=True, cache_discovery=False,
+            client_options=options,
+        )
+
+    def _execute(self, request: Any, what: str) -> dict[str, Any]:
+        def attempt() -> dict[str, Any]:
+            try:
+                return request.execute(num_retries=0)
+            except (HttpError, RefreshError, TransportError, OSError, socket.timeout,
+                    httplib2.HttpLib2Error) as exc:
+                raise _classify(exc, what) from exc
+
+        return call_with_retry(attempt, self._retry, what=what)
+
+    def send(self, message: EmailMessage, thread_id: str | None = None) -> dict[str, Any]:
+        """users.messages.send with the whole message as base64url `raw`."""
+        body: dict[str, Any] = {"raw": base64.urlsafe_b64encode(message.as_bytes()).decode()}
+        if thread_id:
+            body["threadId"] = thread_id
+        request = self._service.users().messages().send(userId=self._user, body=body)
+        return self._execute(request, "send message")
+
+    def find_by_message_id(self, message_id: str) -> dict[str, Any] | None:
+        """The sent message with this Message-ID header, if Gmail has it."""
+        query = f"rfc822msgid:{message_id.strip('<>')}"
+        request = self._service.users().messages().list(userId=self._user, q=query)
+        found = self._execute(request, "find message").get("messages") or []
+        return found[0] if found else None

@@ -1,0 +1,221 @@
+"""Pipedrive: API v2 over a requests session; the still-current v1 calls through its library."""
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pipedrive.client
+import pipedrive.exceptions
+import requests
+
+from connectors.errors import PermanentVendorError, TransientVendorError, VendorError
+from connectors.retry import call_with_retry
+from core.config import Pipedrive, Retry
+from core.leads import email_key, normalise_phone
+
+logger = logging.getLogger(__name__)
+
+VENDOR = "pipedrive"
+CACHE_TTL_S = 600.0
+
+
+def _retry_after(headers: Any) -> float | None:
+    # x-ratelimit-reset is seconds until the window resets; Retry-After for the daily budget.
+    for name in ("x-ratelimit-reset", "retry-after"):
+        value = headers.get(name) if headers is not None else None
+        if value is not None:
+            try:
+                return max(float(value), 0.0)
+            except ValueError:
+                continue
+    return None
+
+
+def _error_for(status: int, body: str, headers: Any, what: str) -> VendorError:
+    request_id = headers.get("x-request-id") if headers is not None else None
+    kwargs = {"status": status, "body": body, "request_id": request_id}
+    if status == 429 or status >= 500:
+        return TransientVendorError(
+            VENDOR, f"{what} answered {status}", retry_after=_retry_after(headers), **kwargs
+        )
+    return PermanentVendorError(VENDOR, f"{what} answered {status}", **kwargs)
+
+
+class PipedriveClient:
+    """The calls the flows make, with timeouts, the retry policy and cached lookups."""
+
+    def __init__(self, settings: Pipedrive, retry: Retry) -> None:
+        self._base = settings.base_url.rstrip("/")
+        self._timeout = settings.timeout_s
+        self._retry = retry
+        self._http = requests.Session()
+        self._http.headers.update({"x-api-token": settings.api_token, "Accept": "application/json"})
+        # pipedrive-python-lib still serves the v1 endpoints (users, notes); it sends no
+        # timeout of its own, so every call below passes one.
+        self._v1 = pipedrive.client.Client(domain=self._base)
+        self._v1.set_api_token(settings.api_token)
+        self._cache: dict[str, tuple[float, Any]] = {}
+
+    # -- transport ---------------------------------------------------------------------
+
+    def _send_v2(self, method: str, path: str, what: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = self._http.request(
+                method, f"{self._base}/api/v2{path}", timeout=self._timeout, **kwargs
+            )
+        except requests.RequestException as exc:
+            raise TransientVendorError(VENDOR, f"{what}: {exc.__class__.__name__}") from exc
+        if not response.ok:
+            raise _error_for(response.status_code, response.text, response.headers, what)
+        try:
+            return response.json()
+        except ValueError:
+            # A proxy's error page with a 200 is still not an answer.
+            raise TransientVendorError(
+                VENDOR, f"{what}: the answer was not JSON", status=response.status_code
+            ) from None
+
+    def _v2(self, method: str, path: str, what: str, **kwargs: Any) -> dict[str, Any]:
+        return call_with_retry(
+            lambda: self._send_v2(method, path, what, **kwargs), self._retry, what=what
+        )
+
+    def _send_v1(self, call: Callable[..., Any], what: str, *args: Any) -> dict[str, Any]:
+        try:
+            result = call(*args, timeout=self._timeout)
+        except pipedrive.exceptions.BaseError as exc:
+            response = exc.response
+            raise _error_for(response.status_code, response.text, response.headers, what) from exc
+        except requests.RequestException as exc:
+            raise TransientVendorError(VENDOR, f"{what}: {exc.__class__.__name__}") from exc
+        if not isinstance(result, dict):
+            # The library hands back a non-JSON body (a proxy's 502 page) as the result.
+            raise TransientVendorError(VENDOR, f"{what}: the answer was not JSON")
+        return result
+
+    def _v1_call(self, call: Callable[..., Any], what: str, *args: Any) -> dict[str, Any]:
+        return call_with_retry(lambda: self._send_v1(call, what, *args), self._retry, what=what)
+
+    def _cached(self, key: str, load: Callable[[], Any]) -> Any:
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        value = load()
+        self._cache[key] = (time.monotonic() + CACHE_TTL_S, value)
+        return value
+
+    def _list_v2(self, path: str, what: str, params: dict[str, Any] | None = None) -> list[Any]:
+        items: list[Any] = []
+        cursor = None
+        while True:
+            page = dict(params or {}, limit=500, **({"cursor": cursor} if cursor else {}))
+            answer = self._v2("GET", path, what, params=page)
+            items.extend(answer.get("data") or [])
+            cursor = (answer.get("additional_data") or {}).get("next_cursor")
+            if not cursor:
+                return items
+
+    # -- lookups (cached) --------------------------------------------------------------
+
+    def active_user_ids(self) -> set[int]:
+        """Ids of the account's active users (v1 users)."""
+
+        def load() -> set[int]:
+            users = self._v1_call(self._v1.users.get_all_users, "list users").get("data") or []
+            return {user["id"] for user in users if user.get("active_flag")}
+
+        return self._cached("users", load)
+
+    def user(self, user_id: int) -> dict[str, Any]:
+        """One Pipedrive user (name and email of a deal owner)."""
+        return self._cached(
+            f"user:{user_id}",
+            lambda: self._v1_call(self._v1.users.get_user, "get user", user_id)["data"],
+        )
+
+    def stage_ids(self, pipeline_name: str, stage_name: str) -> tuple[int, int]:
+        """The pipeline and stage ids for names given in config.yaml."""
+
+        def load() -> tuple[int, int]:
+            pipelines = self._list_v2("/pipelines", "list pipelines")
+            pipeline = next((p for p in pipelines if p["name"] == pipeline_name), None)
+            if pipeline is None:
+                raise PermanentVendorError(VENDOR, f"no pipeline named {pipeline_name!r}")
+            stages = self._list_v2("/stages", "list stages", {"pipeline_id": pipeline["id"]})
+            stage = next((s for s in stages if s["name"] == stage_name), None)
+            if stage is None:
+                raise PermanentVendorError(
+                    VENDOR, f"pipeline {pipeline_name!r} has no stage named {stage_name!r}"
+                )
+            return pipeline["id"], stage["id"]
+
+        return self._cached(f"stage:{pipeline_name}:{stage_name}", load)
+
+    def deal_fields(self) -> dict[str, dict[str, Any]]:
+        """Deal fields by their name, each with field_code, field_type and options."""
+        return self._cached(
+            "deal_fields",
+            lambda: {f["field_name"]: f for f in self._list_v2("/dealFields", "list deal fields")},
+        )
+
+    # -- persons and organizations -----------------------------------------------------
+
+    def _search(self, entity: str, term: str, field: str) -> list[dict[str, Any]]:
+        params = {"term": term, "fields": field, "exact_match": "true", "limit": 10}
+        answer = self._v2("GET", f"/{entity}/search", f"search {entity}", params=params)
+        return [entry["item"] for entry in (answer.get("data") or {}).get("items") or []]
+
+    def find_person_by_email(self, email: str) -> dict[str, Any] | None:
+        """The person holding exactly this address (case-folded), never a mere substring."""
+        wanted = email_key(email)
+        for person in self._search("persons", email.strip(), "email"):
+            # Search can match on part of an address: compare every address ourselves.
+            if any(email_key(value) == wanted for value in person.get("emails") or []):
+                return person
+        return None
+
+    def find_person_by_phone(self, phone: str, region: str) -> dict[str, Any] | None:
+        """The person holding this E.164 number, however Pipedrive stores it."""
+        for person in self._search("persons", phone, "phone"):
+            if any(normalise_phone(value, region) == phone for value in person.get("phones") or []):
+                return person
+        return None
+
+    def create_person(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """POST /api/v2/persons."""
+        return self._v2("POST", "/persons", "create person", json=fields)["data"]
+
+    def find_organization(self, name: str) -> dict[str, Any] | None:
+        """The organization with exactly this name (case-folded)."""
+        wanted = name.strip().casefold()
+        for org in self._search("organizations", name.strip(), "name"):
+            if (org.get("name") or "").strip().casefold() == wanted:
+                return org
+        return None
+
+    def create_organization(self, name: str, owner_id: int) -> dict[str, Any]:
+        """POST /api/v2/organizations."""
+        body = {"name": name, "owner_id": owner_id}
+        return self._v2("POST", "/organizations", "create organization", json=body)["data"]
+
+    # -- deals and notes ---------------------------------------------------------------
+
+    def create_deal(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """POST /api/v2/deals."""
+        return self._v2("POST", "/deals", "create deal", json=fields)["data"]
+
+    def find_deal(self, person_id: int, title: str) -> dict[str, Any] | None:
+        """An open deal of the person with this title (recovers a create that lost its answer)."""
+        deals = self._list_v2("/deals", "list deals", {"person_id": person_id, "status": "open"})
+        return next((deal for deal in deals if deal.get("title") == title), None)
+
+    def add_note(self, deal_id: int, content: str) -> dict[str, Any]:
+        """POST /v1/notes pinned to the deal."""
+        body = {"deal_id": deal_id, "content": content, "pinned_to_deal_flag": 1}
+        return self._v1_call(self._v1.notes.create_note, "add note", body)["data"]
+
+    def find_note(self, deal_id: int, marker: str) -> dict[str, Any] | None:
+        """A note on the deal whose content holds the marker."""
+        answer = self._v1_call(self._v1.notes.get_all_notes, "list notes", {"deal_id": deal_id})
+        return next((n for n in answer.get("data") or [] if marker in n.get("content", "")), None)

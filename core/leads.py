@@ -1,0 +1,173 @@
+"""Typed lead events and the parsers that turn vendor payloads into them."""
+
+import hashlib
+from datetime import datetime
+from typing import Any
+
+import phonenumbers
+from pydantic import BaseModel, Field
+
+from core.config import TypeformForm, WebsiteForm
+
+
+class MalformedPayload(ValueError):
+    """The body is not what the sender's contract promises; the message is a sentence."""
+
+
+class Lead(BaseModel):
+    """A person who asked to be contacted, normalised from any source."""
+
+    name: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    email: str | None = None
+    phone: str | None = None
+    phone_as_typed: str | None = None
+    company: str | None = None
+    answers: dict[str, Any] = Field(default_factory=dict)
+    hidden: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def display_name(self) -> str | None:
+        """The full name, or first and last joined."""
+        if self.name:
+            return self.name
+        joined = " ".join(part for part in (self.first_name, self.last_name) if part)
+        return joined or None
+
+
+class LeadEvent(BaseModel):
+    """A lead submission as stored in the event store and read by the lead flow."""
+
+    source: str
+    type: str = "lead"
+    dedup_key: str
+    form_id: str
+    lead_source: str
+    submitted_at: datetime | None = None
+    lead: Lead
+
+
+def email_key(email: str) -> str:
+    """The form used to compare addresses: trimmed and case-folded; a +tag stays."""
+    return email.strip().casefold()
+
+
+def normalise_phone(raw: str, region: str) -> str | None:
+    """E.164 for a number written any common way, or None when it is not a number."""
+    try:
+        parsed = phonenumbers.parse(raw, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_possible_number(parsed):
+        return None
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _assign(lead: dict[str, Any], attribute: str, value: Any, region: str) -> None:
+    if value is None or value == "":
+        return
+    text = str(value).strip()
+    if attribute == "phone":
+        lead["phone_as_typed"] = text
+        lead["phone"] = normalise_phone(text, region)
+    elif attribute == "email":
+        # Kept as typed (a +tag and case included); compared through email_key().
+        lead["email"] = text
+    else:
+        lead[attribute] = text
+
+
+def typeform_answer_value(answer: dict[str, Any]) -> Any:
+    """The value of one Typeform answer; it sits under a key named by the answer's type."""
+    kind = answer.get("type")
+    value = answer.get(kind) if isinstance(kind, str) else None
+    if kind == "choice" and isinstance(value, dict):
+        return value.get("label") or value.get("other")
+    if kind == "choices" and isinstance(value, dict):
+        labels = list(value.get("labels") or [])
+        if value.get("other"):
+            labels.append(value["other"])
+        return labels
+    if kind == "payment" and isinstance(value, dict):
+        return value.get("amount")
+    return value
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise MalformedPayload(f"{what} must be a JSON object.")
+    return value
+
+
+def typeform_form_id(payload: Any) -> tuple[str, str]:
+    """The event type and form id of a Typeform webhook body, checked for shape."""
+    body = _object(payload, "The body")
+    event_type = body.get("event_type")
+    if not isinstance(event_type, str):
+        raise MalformedPayload("The body has no event_type string.")
+    response = _object(body.get("form_response"), "form_response")
+    form_id, token = response.get("form_id"), response.get("token")
+    if not isinstance(form_id, str) or not isinstance(token, str) or not token:
+        raise MalformedPayload("form_response needs form_id and token strings.")
+    return event_type, form_id
+
+
+def lead_from_typeform(payload: dict[str, Any], form: TypeformForm, region: str) -> LeadEvent:
+    """Map a Typeform form_response to a lead through the form's field refs."""
+    response = payload["form_response"]
+    answers = response.get("answers") or []
+    if not isinstance(answers, list):
+        raise MalformedPayload("form_response.answers must be a list when present.")
+
+    lead: dict[str, Any] = {"answers": {}, "hidden": {}}
+    for answer in answers:
+        ref = _object(answer, "Each answer").get("field", {}).get("ref")
+        if not isinstance(ref, str):
+            raise MalformedPayload("Each answer needs field.ref.")
+        value = typeform_answer_value(answer)
+        if ref in form.fields:
+            _assign(lead, form.fields[ref], value, form.region or region)
+        elif value is not None:
+            lead["answers"][ref] = value
+
+    hidden = response.get("hidden") or {}
+    lead["hidden"] = {str(k): str(v) for k, v in _object(hidden, "hidden").items() if v}
+    return LeadEvent(
+        source="typeform",
+        dedup_key=f"typeform:{response['form_id']}:{response['token']}",
+        form_id=response["form_id"],
+        lead_source=form.lead_source,
+        submitted_at=response.get("submitted_at"),
+        lead=Lead.model_validate(lead),
+    )
+
+
+def lead_from_form(payload: Any, raw: bytes, form: WebsiteForm, region: str) -> LeadEvent:
+    """Map the website backend's signed JSON ({fields, utm, submission_id}) to a lead."""
+    body = _object(payload, "The body")
+    fields = _object(body.get("fields"), "fields")
+    utm = _object(body.get("utm") or {}, "utm")
+    submission_id = body.get("submission_id")
+    if submission_id is not None and not isinstance(submission_id, str | int):
+        raise MalformedPayload("submission_id must be a string when present.")
+
+    lead: dict[str, Any] = {"answers": {}, "hidden": {str(k): str(v) for k, v in utm.items() if v}}
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            raise MalformedPayload(f"fields.{key} must be a string, number, boolean or list.")
+        if key in form.fields:
+            _assign(lead, form.fields[key], value, form.region or region)
+        elif value not in (None, ""):
+            lead["answers"][key] = value
+
+    # Without the backend's own id, the same bytes sent again are the same submission.
+    identity = str(submission_id) if submission_id else hashlib.sha256(raw).hexdigest()
+    return LeadEvent(
+        source="form",
+        dedup_key=f"form:{identity}",
+        form_id=str(body.get("form") or "website"),
+        lead_source=form.lead_source,
+        submitted_at=body.get("submitted_at"),
+        lead=Lead.model_validate(lead),
+    )

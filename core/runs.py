@@ -1,0 +1,188 @@
+"""Flow runs: named steps recorded in the store, side effects done once by key."""
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from connectors.errors import FlowAbort, VendorError
+from core.store import Event, FlowRun, SideEffect, Step, session, utcnow
+
+logger = logging.getLogger(__name__)
+
+Result = dict[str, Any]
+FINAL_STATUSES = {"succeeded", "ignored"}
+# A pending side effect older than this lost its job; younger, another job may own it.
+PENDING_STALE = timedelta(seconds=60)
+
+
+class RetryLater(Exception):
+    """Raised out of the job so the queue's retry schedule runs it again."""
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a flow's steps need to record themselves."""
+
+    event_id: str
+    flow: str
+    run_id: int
+    attempt: int
+
+    def step(self, name: str, action: Callable[[], Result]) -> Result:
+        """Run one named step and record its status, timing, output and error."""
+        with session() as db:
+            step = Step(run_id=self.run_id, name=name, attempt=self.attempt, status="running")
+            db.add(step)
+            db.get(Event, self.event_id).updated_at = utcnow()
+        logger.info("step started event_id=%s flow=%s step=%s", self.event_id, self.flow, name)
+
+        try:
+            output = action()
+        except Exception as exc:
+            _finish_step(step.id, "failed", None, _describe(exc))
+            logger.info(
+                "step failed event_id=%s flow=%s step=%s error=%s",
+                self.event_id, self.flow, name, exc.__class__.__name__,
+            )
+            raise
+
+        _finish_step(step.id, "succeeded", output, None)
+        logger.info("step succeeded event_id=%s flow=%s step=%s", self.event_id, self.flow, name)
+        return output
+
+    def once(
+        self,
+        key: str,
+        action: Callable[[], Result],
+        recover: Callable[[], Result | None] | None = None,
+    ) -> Result:
+        """Do a side effect once per key; a retry after a crash asks `recover` first."""
+        with session() as db:
+            effect = db.get(SideEffect, key)
+            if effect is not None and effect.status == "done":
+                return effect.result or {}
+            pending_since = effect.created_at if effect is not None else None
+
+        if pending_since is not None:
+            # The last attempt may have reached the vendor and died before recording it.
+            found = recover() if recover is not None else None
+            if found is not None:
+                _complete_effect(key, found)
+                return found
+            if _age(pending_since) < PENDING_STALE:
+                # Young: another job may be in the middle of it right now.
+                raise RetryLater(f"side effect {key} is in progress elsewhere")
+        else:
+            try:
+                with session() as db:
+                    db.add(SideEffect(key=key, status="pending"))
+            except IntegrityError:
+                # Another job holds the same key: let the retry schedule sort it out.
+                raise RetryLater(f"side effect {key} is being done by another job") from None
+
+        result = action()
+        _complete_effect(key, result)
+        return result
+
+
+def _age(moment: datetime) -> timedelta:
+    # SQLite hands back naive datetimes; they were written as UTC.
+    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return utcnow() - aware
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, VendorError):
+        parts = [str(exc)]
+        if exc.status is not None:
+            parts.append(f"status {exc.status}")
+        if exc.request_id:
+            parts.append(f"request id {exc.request_id}")
+        return "; ".join(parts)
+    return str(exc) or exc.__class__.__name__
+
+
+def _finish_step(step_id: int, status: str, output: Result | None, error: str | None) -> None:
+    with session() as db:
+        step = db.get(Step, step_id)
+        step.status, step.output, step.error = status, output, error
+        step.finished_at = utcnow()
+
+
+def _complete_effect(key: str, result: Result) -> None:
+    with session() as db:
+        effect = db.get(SideEffect, key) or SideEffect(key=key)
+        effect.status, effect.result = "done", result
+        db.add(effect)
+
+
+def _start(event_id: str, flow: str) -> RunContext | None:
+    with session() as db:
+        event = db.get(Event, event_id)
+        if event is None:
+            logger.warning("no such event event_id=%s flow=%s", event_id, flow)
+            return None
+        if event.status in FINAL_STATUSES:
+            logger.info("already done event_id=%s flow=%s status=%s", event_id, flow, event.status)
+            return None
+        run = db.scalar(select(FlowRun).where(FlowRun.event_id == event_id, FlowRun.flow == flow))
+        if run is None:
+            run = FlowRun(event_id=event_id, flow=flow, status="running", attempts=0)
+            db.add(run)
+        run.attempts += 1
+        run.status, run.error, run.finished_at = "running", None, None
+        event.status, event.reason = "running", None
+        db.flush()
+        return RunContext(event_id=event_id, flow=flow, run_id=run.id, attempt=run.attempts)
+
+
+def _finish(ctx: RunContext, status: str, reason: str | None) -> None:
+    with session() as db:
+        run = db.get(FlowRun, ctx.run_id)
+        run.status, run.error, run.finished_at = status, reason, utcnow()
+        event = db.get(Event, ctx.event_id)
+        event.status, event.reason = status, reason
+    logger.info(
+        "run %s event_id=%s flow=%s attempt=%d", status, ctx.event_id, ctx.flow, ctx.attempt
+    )
+
+
+def execute(
+    event_id: str,
+    flow: str,
+    body: Callable[[RunContext, Event], None],
+    *,
+    retries_left: int = 0,
+) -> str:
+    """Run a flow for an event and record the outcome; returns the run's final status."""
+    ctx = _start(event_id, flow)
+    if ctx is None:
+        return "skipped"
+    with session() as db:
+        event = db.get(Event, event_id)
+
+    try:
+        body(ctx, event)
+    except FlowAbort as exc:
+        _finish(ctx, "failed", str(exc))
+        return "failed"
+    except (VendorError, OperationalError, RetryLater) as exc:
+        transient = not isinstance(exc, VendorError) or exc.transient
+        if transient and retries_left > 0:
+            _finish(ctx, "queued", f"will retry: {_describe(exc)}")
+            raise RetryLater(_describe(exc)) from exc
+        # Dead letter: the run stays failed with the vendor's reason until someone replays it.
+        _finish(ctx, "failed", _describe(exc))
+        return "failed"
+    except Exception as exc:
+        logger.exception("run crashed event_id=%s flow=%s", event_id, flow)
+        _finish(ctx, "failed", f"internal error: {exc.__class__.__name__}")
+        return "failed"
+
+    _finish(ctx, "succeeded", None)
+    return "succeeded"

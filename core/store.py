@@ -1,0 +1,188 @@
+"""The event store: events, flow runs, steps, side-effect keys and counters (SQLAlchemy)."""
+
+import functools
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+INSTANCE_DIR = Path(__file__).resolve().parent.parent / "instance"
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A new random id for events and runs."""
+    return uuid.uuid4().hex
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+
+
+class Event(Base):
+    """One accepted webhook delivery, deduplicated by the sender's own identity."""
+
+    __tablename__ = "events"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    source: Mapped[str] = mapped_column(String(32))
+    type: Mapped[str] = mapped_column(String(64))
+    dedup_key: Mapped[str] = mapped_column(String(255), unique=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    payload: Mapped[str] = mapped_column(Text)
+    deliveries: Mapped[int] = mapped_column(Integer, default=1)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    runs: Mapped[list["FlowRun"]] = relationship(back_populates="event", order_by="FlowRun.id")
+
+
+class FlowRun(Base):
+    """One flow run for an event; attempts counts the jobs that worked on it."""
+
+    __tablename__ = "flow_runs"
+    __table_args__ = (UniqueConstraint("event_id", "flow"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(ForeignKey("events.id"), index=True)
+    flow: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    event: Mapped[Event] = relationship(back_populates="runs")
+    steps: Mapped[list["Step"]] = relationship(back_populates="run", order_by="Step.id")
+
+
+class Step(Base):
+    """One named step of one attempt of a flow run."""
+
+    __tablename__ = "steps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("flow_runs.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    run: Mapped[FlowRun] = relationship(back_populates="steps")
+
+
+class SideEffect(Base):
+    """An idempotency key recorded before a vendor call and completed with its result."""
+
+    __tablename__ = "side_effects"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Counter(Base):
+    """A named integer advanced atomically (round-robin positions)."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer, default=0)
+
+
+def database_url() -> str:
+    """DATABASE_URL, or a SQLite file under instance/ when it is unset."""
+    url = os.environ.get("DATABASE_URL", "")
+    if not url:
+        INSTANCE_DIR.mkdir(exist_ok=True)
+        return f"sqlite:///{INSTANCE_DIR / 'salesflow.db'}"
+    # Heroku and Render hand out postgres:// URLs; SQLAlchemy wants a driver name.
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the web and the workers read while one writes; the busy timeout makes
+    # concurrent writers wait instead of failing with "database is locked".
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+@functools.cache
+def engine() -> Engine:
+    """The process-wide engine for DATABASE_URL."""
+    url = database_url()
+    if url.startswith("sqlite"):
+        created = create_engine(url, connect_args={"timeout": 10})
+        event.listen(created, "connect", _tune_sqlite)
+        return created
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+@functools.cache
+def _session_factory() -> sessionmaker[Session]:
+    return sessionmaker(engine(), expire_on_commit=False)
+
+
+@contextmanager
+def session() -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    db = _session_factory()()
+    try:
+        yield db
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+    finally:
+        db.close()
+
+
+def _after_fork_in_child() -> None:
+    # RQ forks a work-horse per job: pooled connections belong to the parent.
+    if engine.cache_info().currsize:
+        engine().dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def reset_engine() -> None:
+    """Forget the cached engine (tests switch DATABASE_URL; forked workers need fresh pools)."""
+    if engine.cache_info().currsize:
+        engine().dispose()
+    engine.cache_clear()
+    _session_factory.cache_clear()

@@ -1,0 +1,269 @@
+"""Lead capture: a person and a deal in Pipedrive, owned by a rep, and a welcome email."""
+
+import hashlib
+import logging
+from typing import Any
+
+from markupsafe import escape
+
+from connectors import registry
+from connectors.errors import FlowAbort
+from connectors.gmail import build_message
+from core.assignment import next_rep
+from core.config import Rep, Settings, settings
+from core.leads import Lead, LeadEvent, email_key
+from core.runs import Result, RunContext, execute
+from core.store import Event
+from core.templates import render_file, render_string
+
+logger = logging.getLogger(__name__)
+
+FLOW = "lead_capture"
+
+
+def run(event_id: str, retries_left: int = 0) -> str:
+    """Run the lead-capture flow for a stored lead event."""
+    return execute(event_id, FLOW, _capture, retries_left=retries_left)
+
+
+def _capture(ctx: RunContext, event: Event) -> None:
+    current = settings()
+    lead_event = LeadEvent.model_validate(event.data)
+    lead = lead_event.lead
+    if not lead.email:
+        raise FlowAbort("the submission has no email address")
+
+    person = ctx.step("find_or_create_person", lambda: _person(ctx, lead, current))
+
+    owner = _owner(person["owner_id"], current)
+    context = {"lead": lead, "rep": owner, "company_name": current.company_name}
+    deal = ctx.step("create_deal", lambda: _deal(ctx, lead_event, person, context, current))
+
+    ctx.step("add_note", lambda: _note(ctx, lead_event, deal["deal_id"]))
+
+    ctx.step("send_welcome_email", lambda: _welcome(ctx, lead, owner, context, current))
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def _person_result(person: dict[str, Any], created: bool) -> Result:
+    owner = person.get("owner_id") or (person.get("owner") or {}).get("id")
+    org = person.get("org_id") or (person.get("organization") or {}).get("id")
+    return {"person_id": person["id"], "owner_id": owner, "org_id": org, "created": created}
+
+
+def _person(ctx: RunContext, lead: Lead, current: Settings) -> Result:
+    pipedrive = registry.pipedrive()
+    region = current.default_region
+    found = pipedrive.find_person_by_email(lead.email)
+    if found is None and lead.phone:
+        found = pipedrive.find_person_by_phone(lead.phone, region)
+    if found is not None:
+        # An existing person keeps the owner the team gave them.
+        return _person_result(found, created=False)
+
+    def create() -> Result:
+        owner_id = ctx.once(f"assign:{ctx.event_id}", lambda: _assign(current))["owner_id"]
+        org_id = _organization(ctx, lead.company, owner_id) if lead.company else None
+        fields: dict[str, Any] = {
+            "name": lead.display_name or lead.email,
+            "owner_id": owner_id,
+            "emails": [{"value": lead.email, "primary": True, "label": "work"}],
+        }
+        if lead.phone:
+            fields["phones"] = [{"value": lead.phone, "primary": True, "label": "work"}]
+        if org_id:
+            fields["org_id"] = org_id
+        return _person_result(pipedrive.create_person(fields), created=True)
+
+    def recover() -> Result | None:
+        again = pipedrive.find_person_by_email(lead.email)
+        return _person_result(again, created=True) if again else None
+
+    # Keyed by the address, not the event: two sources sending the same lead at once
+    # must end with one person (search may not see a person created a moment ago).
+    return ctx.once(f"person:{_digest(email_key(lead.email))}", create, recover)
+
+
+def _assign(current: Settings) -> Result:
+    active = registry.pipedrive().active_user_ids()
+    rep = next_rep(current.reps, active, FLOW)
+    return {"owner_id": rep.pipedrive_user_id}
+
+
+def _organization(ctx: RunContext, company: str, owner_id: int) -> int:
+    pipedrive = registry.pipedrive()
+    found = pipedrive.find_organization(company)
+    if found is not None:
+        return found["id"]
+
+    def recover() -> Result | None:
+        again = pipedrive.find_organization(company)
+        return {"org_id": again["id"]} if again else None
+
+    result = ctx.once(
+        f"organization:{_digest(company.strip().casefold())}",
+        lambda: {"org_id": pipedrive.create_organization(company.strip(), owner_id)["id"]},
+        recover,
+    )
+    return result["org_id"]
+
+
+def _owner(owner_id: int, current: Settings) -> Rep:
+    for rep in current.reps:
+        if rep.pipedrive_user_id == owner_id:
+            return rep
+    # The person belongs to someone outside the rotation: they still own the lead.
+    user = registry.pipedrive().user(owner_id)
+    return Rep(name=user["name"], email=user["email"], pipedrive_user_id=owner_id)
+
+
+def _lookup(path: str, lead_event: LeadEvent) -> Any:
+    if path == "lead_source":
+        return lead_event.lead_source
+    head, _, rest = path.partition(".")
+    lead = lead_event.lead
+    if head in ("answers", "hidden") and rest:
+        return getattr(lead, head).get(rest)
+    return getattr(lead, path, None)
+
+
+def _field_value(field: dict[str, Any], value: Any) -> Any:
+    kind = field.get("field_type")
+    options = {str(o["label"]).casefold(): o["id"] for o in field.get("options") or []}
+    if kind == "enum":
+        return options.get(str(value).casefold())
+    if kind == "set":
+        labels = value if isinstance(value, list) else [value]
+        chosen = [options[str(v).casefold()] for v in labels if str(v).casefold() in options]
+        return chosen or None
+    if kind in ("double", "monetary"):
+        return float(value)
+    if kind == "int":
+        return int(value)
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _custom_fields(lead_event: LeadEvent, current: Settings) -> dict[str, Any]:
+    fields = registry.pipedrive().deal_fields()
+    values: dict[str, Any] = {}
+    for name, path in current.lead_capture.custom_fields.items():
+        field = fields.get(name)
+        if field is None:
+            raise FlowAbort(f"lead_capture.custom_fields names {name!r}, a deal field "
+                            "Pipedrive does not have")
+        raw = _lookup(path, lead_event)
+        if raw in (None, "", []):
+            continue
+        try:
+            value = _field_value(field, raw)
+        except ValueError:
+            logger.warning("custom field skipped field=%s: value does not fit", name)
+            continue
+        if value is not None:
+            values[field["field_code"]] = value
+    return values
+
+
+def _deal(
+    ctx: RunContext,
+    lead_event: LeadEvent,
+    person: Result,
+    context: dict[str, Any],
+    current: Settings,
+) -> Result:
+    pipedrive = registry.pipedrive()
+    capture = current.lead_capture
+    title = render_string(capture.deal_title, context) or "New lead"
+
+    def create() -> Result:
+        pipeline_id, stage_id = pipedrive.stage_ids(capture.pipeline, capture.stage)
+        fields: dict[str, Any] = {
+            "title": title,
+            "owner_id": person["owner_id"],
+            "person_id": person["person_id"],
+            "pipeline_id": pipeline_id,
+            "stage_id": stage_id,
+            "currency": capture.currency,
+        }
+        if person["org_id"]:
+            fields["org_id"] = person["org_id"]
+        value = render_string(capture.deal_value, context) if capture.deal_value else ""
+        if value:
+            try:
+                fields["value"] = float(value)
+            except ValueError:
+                logger.warning("deal value skipped event_id=%s: not a number", ctx.event_id)
+        custom = _custom_fields(lead_event, current)
+        if custom:
+            fields["custom_fields"] = custom
+        deal = pipedrive.create_deal(fields)
+        return {"deal_id": deal["id"], "title": title}
+
+    def recover() -> Result | None:
+        deal = pipedrive.find_deal(person["person_id"], title)
+        return {"deal_id": deal["id"], "title": title} if deal else None
+
+    return ctx.once(f"deal:{ctx.event_id}", create, recover)
+
+
+def _note_html(lead_event: LeadEvent, event_id: str) -> str:
+    lead = lead_event.lead
+    lines = [f"<p><b>New lead from {escape(lead_event.lead_source)}</b> "
+             f"(form {escape(lead_event.form_id)})</p>", "<ul>"]
+    for key, value in lead.answers.items():
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+        lines.append(f"<li>{escape(key)}: {escape(shown)}</li>")
+    for key, value in lead.hidden.items():
+        lines.append(f"<li>{escape(key)}: {escape(value)}</li>")
+    lines.append("</ul>")
+    lines.append(f"<p><small>salesflow event {escape(event_id)}</small></p>")
+    return "\n".join(lines)
+
+
+def _note(ctx: RunContext, lead_event: LeadEvent, deal_id: int) -> Result:
+    pipedrive = registry.pipedrive()
+    marker = f"salesflow event {ctx.event_id}"
+
+    def recover() -> Result | None:
+        note = pipedrive.find_note(deal_id, marker)
+        return {"note_id": note["id"]} if note else None
+
+    return ctx.once(
+        f"note:{ctx.event_id}",
+        lambda: {"note_id": pipedrive.add_note(deal_id, _note_html(lead_event, ctx.event_id))["id"]},
+        recover,
+    )
+
+
+def _welcome(
+    ctx: RunContext, lead: Lead, owner: Rep, context: dict[str, Any], current: Settings
+) -> Result:
+    gmail = registry.gmail()
+    template = current.lead_capture.welcome_email
+    domain = owner.email.partition("@")[2] or "salesflow.invalid"
+    # A Message-ID derived from the event lets a retry find a send that lost its answer.
+    message_id = f"<welcome.{ctx.event_id}@{domain}>"
+
+    def send() -> Result:
+        message = build_message(
+            sender_name=owner.name,
+            sender_email=owner.email,
+            to_name=lead.display_name,
+            to_email=lead.email,
+            reply_to=owner.email,
+            subject=render_string(template.subject, context),
+            text=render_file(f"email/{template.template}.txt.j2", context),
+            html=render_file(f"email/{template.template}.html.j2", context),
+            message_id=message_id,
+        )
+        sent = gmail.send(message)
+        return {"message_id": sent["id"], "thread_id": sent.get("threadId")}
+
+    def recover() -> Result | None:
+        found = gmail.find_by_message_id(message_id)
+        return {"message_id": found["id"], "thread_id": found.get("threadId")} if found else None
+
+    return ctx.once(f"welcome:{ctx.event_id}", send, recover)

@@ -1,0 +1,8 @@
+"""Webhook receivers: verify, parse into a typed event, store, enqueue, answer."""
+
+from flask import Blueprint
+
+webhooks = Blueprint("webhooks", __name__, url_prefix="/webhooks")
+
+# Route modules register themselves on the blueprint.
+from receivers import form, typeform  # noqa: E402,F401

@@ -1,0 +1,115 @@
+"""What every receiver shares: size limits, the store-then-enqueue step and the answers."""
+
+import json
+import logging
+import time
+from typing import Any
+
+import redis
+from flask import Request, abort, g, jsonify
+from flask.typing import ResponseReturnValue
+from pydantic import ValidationError
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from core import metrics, queue
+from core.leads import MalformedPayload
+from core.store import Event, session
+
+logger = logging.getLogger(__name__)
+
+
+def read_body(req: Request, max_bytes: int) -> bytes:
+    """The raw body, refusing more than the route's limit with a 413."""
+    g.started = time.perf_counter()
+    req.max_content_length = max_bytes
+    return req.get_data(cache=True)
+
+
+def parse_json(body: bytes) -> Any:
+    """The parsed body, or MalformedPayload with a sentence for the 400."""
+    try:
+        # RFC 8259: JSON between systems is UTF-8 (json.loads on bytes would guess UTF-16).
+        return json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise MalformedPayload("The body is not UTF-8 text.") from None
+    except ValueError:
+        raise MalformedPayload("The body is not valid JSON.") from None
+    except RecursionError:
+        raise MalformedPayload("The body nests JSON too deeply.") from None
+
+
+def describe(exc: MalformedPayload | ValidationError) -> str:
+    """A sentence for a 400 from a parse error."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"The body has an invalid value at {where}: {first['msg']}."
+    return str(exc)
+
+
+def reject(source: str, status: int, sentence: str) -> ResponseReturnValue:
+    """A 4xx with a sentence saying what is wrong; nothing is stored or queued."""
+    metrics.WEBHOOKS.labels(source, str(status)).inc()
+    logger.info("webhook rejected source=%s status=%d reason=%s", source, status, sentence)
+    return jsonify(error=sentence), status
+
+
+def _answer(source: str, event_id: str, status: str) -> ResponseReturnValue:
+    metrics.WEBHOOKS.labels(source, status).inc()
+    metrics.ACK_SECONDS.labels(source).observe(time.perf_counter() - g.get("started", 0.0))
+    return jsonify(event_id=event_id, status=status), 200
+
+
+def _store(source: str, kind: str, dedup_key: str, data: dict[str, Any], raw: bytes,
+           status: str, reason: str | None) -> tuple[str, bool]:
+    """Insert the event; on a repeat delivery return the stored id and False."""
+    try:
+        with session() as db:
+            event = Event(
+                source=source, type=kind, dedup_key=dedup_key, status=status, reason=reason,
+                data=data, payload=raw.decode("utf-8", "replace"),
+            )
+            db.add(event)
+        return event.id, True
+    except IntegrityError:
+        with session() as db:
+            event_id = db.scalar(select(Event.id).where(Event.dedup_key == dedup_key))
+            db.execute(
+                update(Event).where(Event.id == event_id).values(deliveries=Event.deliveries + 1)
+            )
+        if event_id is None:
+            abort(503, "The event store refused the event; please deliver it again.")
+        return event_id, False
+
+
+def accept(
+    source: str,
+    kind: str,
+    dedup_key: str,
+    data: dict[str, Any],
+    raw: bytes,
+    *,
+    ignore_reason: str | None = None,
+) -> ResponseReturnValue:
+    """Store the event before answering, queue it unless ignored, and answer the contract."""
+    status = "ignored" if ignore_reason else "queued"
+    event_id, created = _store(source, kind, dedup_key, data, raw, status, ignore_reason)
+    if not created:
+        logger.info("duplicate delivery source=%s event_id=%s", source, event_id)
+        return _answer(source, event_id, "duplicate")
+    if ignore_reason:
+        logger.info("event ignored source=%s event_id=%s reason=%s", source, event_id, ignore_reason)
+        return _answer(source, event_id, "ignored")
+
+    try:
+        queue.enqueue_event(event_id)
+    except redis.RedisError as exc:
+        # Stored is enough to answer: the sweeper queues it once Redis is back.
+        metrics.ENQUEUE_FAILURES.inc()
+        logger.warning("enqueue failed source=%s event_id=%s error=%s",
+                       source, event_id, exc.__class__.__name__)
+        return _answer(source, event_id, "queued")
+
+    logger.info("event queued source=%s event_id=%s", source, event_id)
+    return _answer(source, event_id, "queued")

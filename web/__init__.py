@@ -1,0 +1,1 @@
+"""Blueprints that are not webhook receivers: health, metrics, run history."""
