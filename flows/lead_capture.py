@@ -200,11 +200,11 @@ def _deal(
         if custom:
             fields["custom_fields"] = custom
         deal = pipedrive.create_deal(fields)
-        return {"deal_id": deal["id"], "title": title}
+        return {"deal_id": deal["id"]}
 
     def recover() -> Result | None:
         deal = pipedrive.find_deal(person["person_id"], title)
-        return {"deal_id": deal["id"], "title": title} if deal else None
+        return {"deal_id": deal["id"]} if deal else None
 
     return ctx.once(f"deal:{ctx.event_id}", create, recover)
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT.parent / "shared" / "fixtures"
-LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# Copies of ../shared/fixtures (vendor-shaped samples) plus our own website-form samples.
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 SECRETS = {
     "TYPEFORM_WEBHOOK_SECRET": "typeform-test-secret",
@@ -20,15 +20,9 @@ SECRETS = {
 }
 
 
-def fixture_path(name: str) -> Path:
-    """A vendor fixture: the shared set first, then the ones kept with the tests."""
-    shared = FIXTURES / name
-    return shared if shared.exists() else LOCAL_FIXTURES / name
-
-
 def load_fixture(name: str) -> Any:
     """A vendor fixture parsed from JSON."""
-    return json.loads(fixture_path(name).read_text(encoding="utf-8"))
+    return json.loads((FIXTURES / name).read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="session")
@@ -128,14 +122,15 @@ def client(app: Any) -> Any:
 
 
 def run_worker() -> int:
-    """Drain the queue with an in-process burst worker; returns the jobs it ran."""
+    """Drain the queue with an in-process burst worker; returns the jobs that were waiting."""
     from rq import SimpleWorker
 
     from core import queue
 
+    waiting = queue.queue().count
     worker = SimpleWorker([queue.queue()], connection=queue.connection())
     worker.work(burst=True, logging_level="WARNING")
-    return worker.successful_job_count + worker.failed_job_count
+    return waiting
 
 
 def typeform_headers(body: bytes, secret: str = SECRETS["TYPEFORM_WEBHOOK_SECRET"]) -> dict:
