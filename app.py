@@ -7,6 +7,7 @@ import click
 from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from core import logs
 from core.config import ConfigError, settings
@@ -22,17 +23,27 @@ def create_app() -> Flask:
     try:
         current = settings()
     except ConfigError as exc:
-        sys.exit(f"config error: {exc}")
+        import cli
+
+        # `flask check-config` and the other setup commands must run on a broken config.
+        if not cli.config_optional():
+            sys.exit(f"config error: {exc}")
+        return cli.setup_app()
     logs.configure(current.log_level)
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.ensure_ascii = False
+    # Heroku's and Render's routers add one X-Forwarded-For hop: rate limits need the client.
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=current.trusted_proxies, x_proto=1)
 
     from receivers import webhooks
+    from receivers.limits import limiter, storage_uri
     from web.api import api
     from web.health import health
 
+    app.config["RATELIMIT_STORAGE_URI"] = storage_uri()
+    limiter.init_app(app)
     app.register_blueprint(webhooks)
     app.register_blueprint(health)
     app.register_blueprint(api)
@@ -67,3 +78,7 @@ def _register_commands(app: Flask) -> None:
         from core.recovery import requeue_stranded
 
         click.echo(f"requeued {requeue_stranded()} events")
+
+    import cli
+
+    cli.register(app)

@@ -2,6 +2,8 @@
 
 import functools
 
+from connectors.errors import FlowAbort
+from connectors.facebook import GraphClient
 from connectors.gmail import GmailClient
 from connectors.pipedrive import PipedriveClient
 from core.config import settings
@@ -21,8 +23,18 @@ def gmail() -> GmailClient:
     return GmailClient(current.google, current.retry)
 
 
+@functools.cache
+def graph() -> GraphClient:
+    """The Facebook Graph client."""
+    current = settings()
+    if current.facebook is None:
+        raise FlowAbort("a Facebook lead arrived but config.yaml has no `facebook` section")
+    return GraphClient(current.facebook, current.retry)
+
+
 def reset() -> None:
     """Forget the clients and settings (tests change the environment)."""
     pipedrive.cache_clear()
     gmail.cache_clear()
+    graph.cache_clear()
     settings.cache_clear()

@@ -3,17 +3,30 @@
 import functools
 import os
 import re
+from datetime import date, time
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # ${VAR} or ${VAR:-default}; the default may be empty.
 _ENV_REF = re.compile(r"\$\{([A-Z0-9_]+)(?::-([^}]*))?\}")
 
-LEAD_ATTRIBUTES = ("name", "first_name", "last_name", "email", "phone", "company")
+LEAD_ATTRIBUTES = (
+    "name", "first_name", "last_name", "email", "phone", "company", "city", "country"
+)
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_HOURS = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
 
 
 class ConfigError(Exception):
@@ -24,10 +37,123 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _weekdays(spec: str) -> list[int]:
+    """'mon-fri' or 'sat' or 'mon,wed' -> weekday numbers (Monday 0)."""
+    days: list[int] = []
+    for part in spec.lower().split(","):
+        first, _, last = part.strip().partition("-")
+        if first not in WEEKDAYS or (last and last not in WEEKDAYS):
+            raise ValueError(f"expected days such as mon-fri or sat, got {spec!r}")
+        start, end = WEEKDAYS.index(first), WEEKDAYS.index(last or first)
+        days.extend(range(start, end + 1) if start <= end else [*range(start, 7), *range(end + 1)])
+    return days
+
+
+def _hours(spec: str) -> tuple[time, time]:
+    match = _HOURS.match(spec.strip())
+    if not match:
+        raise ValueError(f"expected hours such as 09:00-18:00, got {spec!r}")
+    h1, m1, h2, m2 = (int(group) for group in match.groups())
+    if not (h1 < 24 and h2 <= 24 and m1 < 60 and m2 < 60):
+        raise ValueError(f"expected hours such as 09:00-18:00, got {spec!r}")
+    end = time(23, 59, 59) if (h2, m2) == (24, 0) else time(h2, m2)
+    return time(h1, m1), end
+
+
 class Rep(_Strict):
     name: str
     email: str
     pipedrive_user_id: int
+    # How pools, rules and the fallback refer to the rep; the email when unset.
+    id: str | None = None
+    timezone: str = "UTC"
+    # Days -> hours, e.g. {"mon-fri": "09:00-18:00"}; unset means always available.
+    working_hours: dict[str, str] | None = None
+    days_off: list[date] = Field(default_factory=list)
+    daily_cap: int | None = Field(default=None, gt=0)
+
+    @property
+    def key(self) -> str:
+        """The id pools and rules use."""
+        return self.id or self.email
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"expected an IANA time zone such as Europe/Berlin, got {value!r}")
+        return value
+
+    @field_validator("working_hours")
+    @classmethod
+    def _valid_hours(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for days, hours in (value or {}).items():
+            _weekdays(days)
+            _hours(hours)
+        return value
+
+    def hours_on(self, weekday: int) -> tuple[time, time] | None:
+        """The working window on a weekday (Monday 0), None for a day not worked."""
+        if self.working_hours is None:
+            return time(0, 0), time(23, 59, 59)
+        for days, hours in self.working_hours.items():
+            if weekday in _weekdays(days):
+                return _hours(hours)
+        return None
+
+
+class Pool(_Strict):
+    strategy: Literal["round_robin", "weighted"] = "round_robin"
+    # A list of rep ids (round_robin) or rep id -> weight (weighted, e.g. 2:1:1).
+    reps: list[str] | dict[str, int]
+
+    @model_validator(mode="after")
+    def _weights_fit(self) -> "Pool":
+        if not self.reps:
+            raise ValueError("a pool needs at least one rep")
+        if self.strategy == "weighted" and not isinstance(self.reps, dict):
+            raise ValueError("a weighted pool lists reps as `rep id: weight`")
+        if isinstance(self.reps, dict) and any(w < 1 for w in self.reps.values()):
+            raise ValueError("weights are whole numbers of at least 1")
+        return self
+
+    def weights(self) -> dict[str, int]:
+        """Rep id -> weight (1 each for a list)."""
+        return dict(self.reps) if isinstance(self.reps, dict) else dict.fromkeys(self.reps, 1)
+
+
+class Condition(_Strict):
+    # A path into the event: source, form_id, lead_source, country, answers.X, hidden.X, ...
+    field: str
+    equals: str | float | bool | None = None
+    any_of: list[str] | None = None
+    gte: float | None = None
+    lte: float | None = None
+    contains: str | None = None
+
+
+class Rule(_Strict):
+    name: str
+    when: list[Condition] = Field(min_length=1)
+    rep: str | None = None
+    pool: str | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "Rule":
+        if (self.rep is None) == (self.pool is None):
+            raise ValueError(f"rule {self.name!r} needs exactly one of `rep` or `pool`")
+        return self
+
+
+class Assignment(_Strict):
+    keep_existing_owner: bool = True
+    default_pool: str = "everyone"
+    pools: dict[str, Pool] = Field(default_factory=dict)
+    rules: list[Rule] = Field(default_factory=list)
+    # Gets the lead when no rep is available (outside hours, capped, inactive).
+    fallback_owner: str | None = None
 
 
 class WebhookSettings(_Strict):
@@ -64,9 +190,42 @@ class WebsiteForm(_Strict):
         return _check_attributes(value)
 
 
+class FacebookForm(_Strict):
+    # Lead-ad field name (a standard name or the question's own text) -> lead attribute.
+    fields: dict[str, str] = Field(default_factory=dict)
+    lead_source: str = "Facebook"
+    region: str | None = None
+    # Lead ads often ask only for a phone number.
+    require_email: bool = False
+
+    @field_validator("fields")
+    @classmethod
+    def _known_attributes(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_attributes(value)
+
+
+class BrowserForm(_Strict):
+    # Posted field name -> lead attribute.
+    fields: dict[str, str]
+    lead_source: str = "Website"
+    region: str | None = None
+    allowed_origins: list[str] = Field(min_length=1)
+    thank_you_url: str
+    honeypot: str | None = "website"
+    rate_limit: str = "5 per minute;50 per day"
+
+    @field_validator("fields")
+    @classmethod
+    def _known_attributes(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_attributes(value)
+
+
 class LeadSources(_Strict):
     typeform: dict[str, TypeformForm] = Field(default_factory=dict)
     form: WebsiteForm | None = None
+    # Facebook form id -> mapping; "default" serves forms not listed.
+    facebook: dict[str, FacebookForm] = Field(default_factory=dict)
+    browser_forms: dict[str, BrowserForm] = Field(default_factory=dict)
 
 
 class WelcomeEmail(_Strict):
@@ -109,6 +268,16 @@ class Retry(_Strict):
     max_delay_s: float = Field(default=30.0, gt=0)
 
 
+class Facebook(_Strict):
+    app_secret: str = Field(min_length=1)
+    verify_token: str = Field(min_length=1)
+    page_access_token: str = Field(min_length=1)
+    graph_url: str = "https://graph.facebook.com"
+    api_version: str = Field(default="v23.0", pattern=r"^v\d+\.\d+$")
+    timeout_s: float = Field(default=10.0, gt=0)
+    max_bytes: int = Field(default=1_048_576, gt=0)
+
+
 class Settings(_Strict):
     company_name: str
     default_region: str = "US"
@@ -116,9 +285,45 @@ class Settings(_Strict):
     webhooks: Webhooks
     pipedrive: Pipedrive
     google: Google
+    facebook: Facebook | None = None
     reps: list[Rep] = Field(min_length=1)
+    assignment: Assignment = Assignment()
     lead_capture: LeadCapture
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Proxies in front of the web (Heroku and Render: one) whose X-Forwarded-For we trust.
+    trusted_proxies: int = Field(default=1, ge=0)
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> "Settings":
+        keys = [rep.key for rep in self.reps]
+        if len(set(keys)) != len(keys):
+            raise ValueError("reps: two reps share an id (or an email)")
+        pools = self.assignment.pools or {"everyone": Pool(reps=keys)}
+        for name, pool in pools.items():
+            for key in pool.weights():
+                if key not in keys:
+                    raise ValueError(f"assignment.pools.{name}: no rep with id {key!r}")
+        if self.assignment.default_pool not in pools:
+            raise ValueError(f"assignment.default_pool: no pool {self.assignment.default_pool!r}")
+        for rule in self.assignment.rules:
+            if rule.pool is not None and rule.pool not in pools:
+                raise ValueError(f"assignment.rules: {rule.name!r} names no pool {rule.pool!r}")
+            if rule.rep is not None and rule.rep not in keys:
+                raise ValueError(f"assignment.rules: {rule.name!r} names no rep {rule.rep!r}")
+        fallback = self.assignment.fallback_owner
+        if fallback is not None and fallback not in keys:
+            raise ValueError(f"assignment.fallback_owner: no rep with id {fallback!r}")
+        if self.lead_capture.sources.facebook and self.facebook is None:
+            raise ValueError("lead_capture.sources.facebook needs the `facebook` section")
+        return self
+
+    def pools(self) -> dict[str, Pool]:
+        """The configured pools, or one round-robin pool of every rep."""
+        return self.assignment.pools or {"everyone": Pool(reps=[rep.key for rep in self.reps])}
+
+    def rep(self, key: str) -> Rep:
+        """The rep with this id."""
+        return next(rep for rep in self.reps if rep.key == key)
 
     @field_validator("default_region")
     @classmethod
@@ -147,7 +352,9 @@ def expand_env(value: Any, environ: dict[str, str], path: str = "") -> Any:
 
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
-        if name in environ:
+        # As in the shell, ${VAR:-default} takes the default for a set-but-empty VAR too:
+        # the platforms' dashboards leave optional variables empty rather than unset.
+        if environ.get(name) or (name in environ and default is None):
             return environ[name]
         if default is not None:
             return default

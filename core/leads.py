@@ -7,7 +7,19 @@ from typing import Any
 import phonenumbers
 from pydantic import BaseModel, Field
 
-from core.config import TypeformForm, WebsiteForm
+from core.config import BrowserForm, FacebookForm, TypeformForm, WebsiteForm
+
+# Meta's standard lead-ad field names; a form's own mapping adds to these.
+FACEBOOK_STANDARD_FIELDS = {
+    "full_name": "name",
+    "first_name": "first_name",
+    "last_name": "last_name",
+    "email": "email",
+    "phone_number": "phone",
+    "company_name": "company",
+    "city": "city",
+    "country": "country",
+}
 
 
 class MalformedPayload(ValueError):
@@ -24,6 +36,8 @@ class Lead(BaseModel):
     phone: str | None = None
     phone_as_typed: str | None = None
     company: str | None = None
+    city: str | None = None
+    country: str | None = None
     answers: dict[str, Any] = Field(default_factory=dict)
     hidden: dict[str, str] = Field(default_factory=dict)
 
@@ -46,6 +60,10 @@ class LeadEvent(BaseModel):
     lead_source: str
     submitted_at: datetime | None = None
     lead: Lead
+    # Leads that arrive as ids only (Facebook) are fetched by the worker; these say which.
+    external_id: str | None = None
+    meta: dict[str, str] = Field(default_factory=dict)
+    require_email: bool = True
 
 
 def email_key(email: str) -> str:
@@ -169,5 +187,84 @@ def lead_from_form(payload: Any, raw: bytes, form: WebsiteForm, region: str) -> 
         form_id=str(body.get("form") or "website"),
         lead_source=form.lead_source,
         submitted_at=body.get("submitted_at"),
+        lead=Lead.model_validate(lead),
+    )
+
+
+def facebook_leadgen_changes(payload: Any) -> list[dict[str, str]]:
+    """The leadgen changes of a Page webhook body, each with string ids; others dropped."""
+    body = _object(payload, "The body")
+    entries = body.get("entry")
+    if body.get("object") != "page" or not isinstance(entries, list):
+        raise MalformedPayload("The body must be a Page webhook with an entry list.")
+    changes = []
+    for entry in entries:
+        for change in _object(entry, "Each entry").get("changes") or []:
+            change = _object(change, "Each change")
+            if change.get("field") != "leadgen":
+                continue
+            value = _object(change.get("value"), "A leadgen change's value")
+            ids = {key: value.get(key) for key in ("leadgen_id", "form_id", "page_id", "ad_id")}
+            if not ids["leadgen_id"] or not ids["form_id"]:
+                raise MalformedPayload("A leadgen change needs leadgen_id and form_id.")
+            if not all(isinstance(v, str | int) for v in ids.values() if v is not None):
+                raise MalformedPayload("Leadgen ids must be strings or numbers.")
+            changes.append({key: str(v) for key, v in ids.items() if v is not None})
+    return changes
+
+
+def facebook_event(change: dict[str, str], form: FacebookForm) -> LeadEvent:
+    """A lead event for one leadgen change; the worker fetches the lead itself."""
+    return LeadEvent(
+        source="facebook",
+        type="leadgen",
+        dedup_key=f"facebook:{change['leadgen_id']}",
+        form_id=change["form_id"],
+        lead_source=form.lead_source,
+        lead=Lead(),
+        external_id=change["leadgen_id"],
+        meta={k: v for k, v in change.items() if k in ("page_id", "ad_id")},
+        require_email=form.require_email,
+    )
+
+
+def lead_from_graph(field_data: Any, form: FacebookForm, region: str) -> Lead:
+    """Map a Graph lead's field_data ({name, values[]}) to a lead; lists stay lists."""
+    if not isinstance(field_data, list):
+        raise MalformedPayload("The Graph lead has no field_data list.")
+    mapping = {**FACEBOOK_STANDARD_FIELDS, **form.fields}
+    lead: dict[str, Any] = {"answers": {}, "hidden": {}}
+    for item in field_data:
+        name, values = item.get("name"), item.get("values") or []
+        if not isinstance(name, str) or not isinstance(values, list):
+            continue
+        value: Any = values[0] if len(values) == 1 else values
+        if name in mapping and not isinstance(value, list):
+            _assign(lead, mapping[name], value, form.region or region)
+        elif values:
+            lead["answers"][name] = value
+    return Lead.model_validate(lead)
+
+
+def lead_from_browser(
+    fields: dict[str, list[str]], key: str, raw: bytes, form: BrowserForm, region: str
+) -> LeadEvent:
+    """Map a browser form post (field -> values) to a lead; repeated fields stay lists."""
+    lead: dict[str, Any] = {"answers": {}, "hidden": {}}
+    for name, values in fields.items():
+        if name == form.honeypot:
+            continue
+        value: Any = values[0] if len(values) == 1 else values
+        if name in form.fields and not isinstance(value, list):
+            _assign(lead, form.fields[name], value, form.region or region)
+        elif name.startswith("utm_") and value:
+            lead["hidden"][name] = str(value)
+        elif value not in ("", []):
+            lead["answers"][name] = value
+    return LeadEvent(
+        source="browser_form",
+        dedup_key=f"browser_form:{key}:{hashlib.sha256(raw).hexdigest()}",
+        form_id=key,
+        lead_source=form.lead_source,
         lead=Lead.model_validate(lead),
     )

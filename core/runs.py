@@ -3,14 +3,14 @@
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from connectors.errors import FlowAbort, VendorError
-from core.store import Event, FlowRun, SideEffect, Step, session, utcnow
+from core.store import Event, FlowRun, SideEffect, Step, as_utc, session, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +91,7 @@ class RunContext:
 
 
 def _age(moment: datetime) -> timedelta:
-    # SQLite hands back naive datetimes; they were written as UTC.
-    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-    return utcnow() - aware
+    return utcnow() - as_utc(moment)
 
 
 def _describe(exc: BaseException) -> str:

@@ -9,11 +9,12 @@ from markupsafe import escape
 from connectors import registry
 from connectors.errors import FlowAbort
 from connectors.gmail import build_message
-from core.assignment import next_rep
+from core.assignment import Assigner, lookup
 from core.config import Rep, Settings, settings
-from core.leads import Lead, LeadEvent, email_key
+from core.leads import Lead, LeadEvent, MalformedPayload, email_key, lead_from_graph
 from core.runs import Result, RunContext, execute
-from core.store import Event
+from core import metrics
+from core.store import Event, as_utc, session, utcnow
 from core.templates import render_file, render_string
 
 logger = logging.getLogger(__name__)
@@ -29,49 +30,104 @@ def run(event_id: str, retries_left: int = 0) -> str:
 def _capture(ctx: RunContext, event: Event) -> None:
     current = settings()
     lead_event = LeadEvent.model_validate(event.data)
+    if lead_event.source == "facebook" and lead_event.external_id:
+        lead_event = _with_fetched_lead(ctx, lead_event, current)
     lead = lead_event.lead
-    if not lead.email:
-        raise FlowAbort("the submission has no email address")
+    if not lead.email and (lead_event.require_email or not lead.phone):
+        missing = "email address" if lead_event.require_email else "email address or phone"
+        raise FlowAbort(f"the lead has no {missing}")
 
-    person = ctx.step("find_or_create_person", lambda: _person(ctx, lead, current))
+    person = ctx.step("find_person", lambda: _find_person(lead, current))
 
-    owner = _owner(person["owner_id"], current)
+    assigned = ctx.step("assign_owner", lambda: _assign(ctx, lead_event, person, current))
+
+    if person["person_id"] is None:
+        person = ctx.step(
+            "create_person", lambda: _create_person(ctx, lead, assigned["owner_id"])
+        )
+
+    owner = _owner(assigned["owner_id"], current)
     context = {"lead": lead, "rep": owner, "company_name": current.company_name}
-    deal = ctx.step("create_deal", lambda: _deal(ctx, lead_event, person, context, current))
+    deal = ctx.step(
+        "create_deal", lambda: _deal(ctx, lead_event, person, owner, context, current)
+    )
 
     ctx.step("add_note", lambda: _note(ctx, lead_event, deal["deal_id"]))
 
-    ctx.step("send_welcome_email", lambda: _welcome(ctx, lead, owner, context, current))
+    if lead.email:
+        ctx.step("send_welcome_email", lambda: _welcome(ctx, event, owner, context, current))
+
+
+def _with_fetched_lead(ctx: RunContext, lead_event: LeadEvent, current: Settings) -> LeadEvent:
+    """Read the lead from the Graph API once and keep it with the event."""
+    if lead_event.lead.email or lead_event.lead.phone:
+        return lead_event
+    forms = current.lead_capture.sources.facebook
+    form = forms.get(lead_event.form_id) or forms["default"]
+
+    def fetch() -> Result:
+        graph_lead = registry.graph().lead(lead_event.external_id or "")
+        try:
+            lead = lead_from_graph(graph_lead.get("field_data"), form, current.default_region)
+        except MalformedPayload as exc:
+            raise FlowAbort(f"the Graph lead cannot be used: {exc}") from exc
+        with session() as db:
+            stored = db.get(Event, ctx.event_id)
+            stored.data = {**stored.data, "lead": lead.model_dump(mode="json")}
+        return {
+            "fields": len(graph_lead.get("field_data") or []),
+            "has_email": bool(lead.email),
+            "has_phone": bool(lead.phone),
+        }
+
+    ctx.step("fetch_lead", fetch)
+    with session() as db:
+        return LeadEvent.model_validate(db.get(Event, ctx.event_id).data)
 
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
-def _person_result(person: dict[str, Any], created: bool) -> Result:
+def _person_result(person: dict[str, Any] | None, created: bool = False) -> Result:
+    if person is None:
+        return {"person_id": None, "owner_id": None, "org_id": None, "created": False}
     owner = person.get("owner_id") or (person.get("owner") or {}).get("id")
     org = person.get("org_id") or (person.get("organization") or {}).get("id")
     return {"person_id": person["id"], "owner_id": owner, "org_id": org, "created": created}
 
 
-def _person(ctx: RunContext, lead: Lead, current: Settings) -> Result:
+def _find_person(lead: Lead, current: Settings) -> Result:
     pipedrive = registry.pipedrive()
-    region = current.default_region
-    found = pipedrive.find_person_by_email(lead.email)
+    found = pipedrive.find_person_by_email(lead.email) if lead.email else None
     if found is None and lead.phone:
-        found = pipedrive.find_person_by_phone(lead.phone, region)
-    if found is not None:
+        found = pipedrive.find_person_by_phone(lead.phone, current.default_region)
+    return _person_result(found)
+
+
+def _assign(ctx: RunContext, lead_event: LeadEvent, person: Result, current: Settings) -> Result:
+    if person["person_id"] is not None and current.assignment.keep_existing_owner:
         # An existing person keeps the owner the team gave them.
-        return _person_result(found, created=False)
+        return {"owner_id": person["owner_id"], "strategy": "existing_owner"}
+
+    def choose() -> Result:
+        assigner = Assigner(current, registry.pipedrive().active_user_ids(), utcnow())
+        return assigner.choose(lead_event).as_output()
+
+    return ctx.once(f"assign:{ctx.event_id}", choose)
+
+
+def _create_person(ctx: RunContext, lead: Lead, owner_id: int) -> Result:
+    pipedrive = registry.pipedrive()
 
     def create() -> Result:
-        owner_id = ctx.once(f"assign:{ctx.event_id}", lambda: _assign(current))["owner_id"]
         org_id = _organization(ctx, lead.company, owner_id) if lead.company else None
         fields: dict[str, Any] = {
-            "name": lead.display_name or lead.email,
+            "name": lead.display_name or lead.email or lead.phone,
             "owner_id": owner_id,
-            "emails": [{"value": lead.email, "primary": True, "label": "work"}],
         }
+        if lead.email:
+            fields["emails"] = [{"value": lead.email, "primary": True, "label": "work"}]
         if lead.phone:
             fields["phones"] = [{"value": lead.phone, "primary": True, "label": "work"}]
         if org_id:
@@ -79,18 +135,13 @@ def _person(ctx: RunContext, lead: Lead, current: Settings) -> Result:
         return _person_result(pipedrive.create_person(fields), created=True)
 
     def recover() -> Result | None:
-        again = pipedrive.find_person_by_email(lead.email)
-        return _person_result(again, created=True) if again else None
+        again = _find_person(lead, settings())
+        return {**again, "created": True} if again["person_id"] else None
 
-    # Keyed by the address, not the event: two sources sending the same lead at once
-    # must end with one person (search may not see a person created a moment ago).
-    return ctx.once(f"person:{_digest(email_key(lead.email))}", create, recover)
-
-
-def _assign(current: Settings) -> Result:
-    active = registry.pipedrive().active_user_ids()
-    rep = next_rep(current.reps, active, FLOW)
-    return {"owner_id": rep.pipedrive_user_id}
+    # Keyed by the address (or phone), not the event: two sources sending the same lead at
+    # once must end with one person, and search may not yet see a person just created.
+    identity = email_key(lead.email) if lead.email else f"phone:{lead.phone}"
+    return ctx.once(f"person:{_digest(identity)}", create, recover)
 
 
 def _organization(ctx: RunContext, company: str, owner_id: int) -> int:
@@ -120,16 +171,6 @@ def _owner(owner_id: int, current: Settings) -> Rep:
     return Rep(name=user["name"], email=user["email"], pipedrive_user_id=owner_id)
 
 
-def _lookup(path: str, lead_event: LeadEvent) -> Any:
-    if path == "lead_source":
-        return lead_event.lead_source
-    head, _, rest = path.partition(".")
-    lead = lead_event.lead
-    if head in ("answers", "hidden") and rest:
-        return getattr(lead, head).get(rest)
-    return getattr(lead, path, None)
-
-
 def _field_value(field: dict[str, Any], value: Any) -> Any:
     kind = field.get("field_type")
     options = {str(o["label"]).casefold(): o["id"] for o in field.get("options") or []}
@@ -154,7 +195,7 @@ def _custom_fields(lead_event: LeadEvent, current: Settings) -> dict[str, Any]:
         if field is None:
             raise FlowAbort(f"lead_capture.custom_fields names {name!r}, a deal field "
                             "Pipedrive does not have")
-        raw = _lookup(path, lead_event)
+        raw = lookup(path, lead_event)
         if raw in (None, "", []):
             continue
         try:
@@ -171,6 +212,7 @@ def _deal(
     ctx: RunContext,
     lead_event: LeadEvent,
     person: Result,
+    owner: Rep,
     context: dict[str, Any],
     current: Settings,
 ) -> Result:
@@ -182,7 +224,7 @@ def _deal(
         pipeline_id, stage_id = pipedrive.stage_ids(capture.pipeline, capture.stage)
         fields: dict[str, Any] = {
             "title": title,
-            "owner_id": person["owner_id"],
+            "owner_id": owner.pipedrive_user_id,
             "person_id": person["person_id"],
             "pipeline_id": pipeline_id,
             "stage_id": stage_id,
@@ -239,9 +281,10 @@ def _note(ctx: RunContext, lead_event: LeadEvent, deal_id: int) -> Result:
 
 
 def _welcome(
-    ctx: RunContext, lead: Lead, owner: Rep, context: dict[str, Any], current: Settings
+    ctx: RunContext, event: Event, owner: Rep, context: dict[str, Any], current: Settings
 ) -> Result:
     gmail = registry.gmail()
+    lead: Lead = context["lead"]
     template = current.lead_capture.welcome_email
     domain = owner.email.partition("@")[2] or "salesflow.invalid"
     # A Message-ID derived from the event lets a retry find a send that lost its answer.
@@ -260,7 +303,11 @@ def _welcome(
             message_id=message_id,
         )
         sent = gmail.send(message)
-        return {"message_id": sent["id"], "thread_id": sent.get("threadId")}
+        # Speed to lead: from the webhook's arrival to Gmail accepting the welcome email.
+        seconds = (utcnow() - as_utc(event.received_at)).total_seconds()
+        metrics.observe_speed_to_lead(event.source, seconds)
+        return {"message_id": sent["id"], "thread_id": sent.get("threadId"),
+                "speed_to_lead_ms": round(seconds * 1000)}
 
     def recover() -> Result | None:
         found = gmail.find_by_message_id(message_id)

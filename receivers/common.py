@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from core import metrics, queue
-from core.leads import MalformedPayload
+from core.leads import LeadEvent, MalformedPayload
 from core.store import Event, session
 
 logger = logging.getLogger(__name__)
@@ -48,17 +48,15 @@ def describe(exc: MalformedPayload | ValidationError) -> str:
     return str(exc)
 
 
-def reject(source: str, status: int, sentence: str) -> ResponseReturnValue:
+def reject(
+    source: str, status: int, sentence: str, *, log_as: str | None = None
+) -> ResponseReturnValue:
     """A 4xx with a sentence saying what is wrong; nothing is stored or queued."""
     metrics.WEBHOOKS.labels(source, str(status)).inc()
-    logger.info("webhook rejected source=%s status=%d reason=%s", source, status, sentence)
+    # log_as replaces a sentence that quotes what the sender typed.
+    logger.info("webhook rejected source=%s status=%d reason=%s", source, status,
+                log_as or sentence)
     return jsonify(error=sentence), status
-
-
-def _answer(source: str, event_id: str, status: str) -> ResponseReturnValue:
-    metrics.WEBHOOKS.labels(source, status).inc()
-    metrics.ACK_SECONDS.labels(source).observe(time.perf_counter() - g.get("started", 0.0))
-    return jsonify(event_id=event_id, status=status), 200
 
 
 def _store(source: str, kind: str, dedup_key: str, data: dict[str, Any], raw: bytes,
@@ -83,33 +81,51 @@ def _store(source: str, kind: str, dedup_key: str, data: dict[str, Any], raw: by
         return event_id, False
 
 
-def accept(
-    source: str,
-    kind: str,
-    dedup_key: str,
-    data: dict[str, Any],
-    raw: bytes,
-    *,
-    ignore_reason: str | None = None,
-) -> ResponseReturnValue:
-    """Store the event before answering, queue it unless ignored, and answer the contract."""
+def enqueue(source: str, event_id: str) -> None:
+    """Queue a stored event; a Redis outage is logged, the sweep queues it later."""
+    try:
+        queue.enqueue_event(event_id)
+    except redis.RedisError as exc:
+        metrics.ENQUEUE_FAILURES.inc()
+        logger.warning("enqueue failed source=%s event_id=%s error=%s",
+                       source, event_id, exc.__class__.__name__)
+        return
+    logger.info("event queued source=%s event_id=%s", source, event_id)
+
+
+def store_event(source: str, event: LeadEvent | None, raw: bytes, *, kind: str = "",
+                dedup_key: str = "", ignore_reason: str | None = None) -> tuple[str, str]:
+    """Store one event before answering and queue it unless ignored: (event id, status)."""
+    if event is not None:
+        kind, dedup_key = event.type, event.dedup_key
+    data = event.model_dump(mode="json") if event is not None else {}
     status = "ignored" if ignore_reason else "queued"
     event_id, created = _store(source, kind, dedup_key, data, raw, status, ignore_reason)
     if not created:
         logger.info("duplicate delivery source=%s event_id=%s", source, event_id)
-        return _answer(source, event_id, "duplicate")
+        return event_id, "duplicate"
     if ignore_reason:
         logger.info("event ignored source=%s event_id=%s reason=%s", source, event_id, ignore_reason)
-        return _answer(source, event_id, "ignored")
+        return event_id, "ignored"
+    enqueue(source, event_id)
+    return event_id, "queued"
 
-    try:
-        queue.enqueue_event(event_id)
-    except redis.RedisError as exc:
-        # Stored is enough to answer: the sweeper queues it once Redis is back.
-        metrics.ENQUEUE_FAILURES.inc()
-        logger.warning("enqueue failed source=%s event_id=%s error=%s",
-                       source, event_id, exc.__class__.__name__)
-        return _answer(source, event_id, "queued")
 
-    logger.info("event queued source=%s event_id=%s", source, event_id)
-    return _answer(source, event_id, "queued")
+def accept(source: str, event: LeadEvent | None, raw: bytes, *, kind: str = "",
+           dedup_key: str = "", ignore_reason: str | None = None) -> ResponseReturnValue:
+    """Store, queue and answer one event as the contract says."""
+    event_id, status = store_event(source, event, raw, kind=kind, dedup_key=dedup_key,
+                                   ignore_reason=ignore_reason)
+    return answer(source, event_id, status)
+
+
+def count(source: str, status: str) -> None:
+    """Record an accepted delivery and its ack time in the metrics."""
+    metrics.WEBHOOKS.labels(source, status).inc()
+    metrics.ACK_SECONDS.labels(source).observe(time.perf_counter() - g.get("started", 0.0))
+
+
+def answer(source: str, event_id: str, status: str, **extra: Any) -> ResponseReturnValue:
+    """The contract's 200: the event id and what became of it."""
+    count(source, status)
+    return jsonify(event_id=event_id, status=status, **extra), 200

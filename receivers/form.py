@@ -30,12 +30,11 @@ def website_form() -> ResponseReturnValue:
         payload = parse_json(body)
         if form is None:
             digest = hashlib.sha256(body).hexdigest()
-            return accept(SOURCE, "lead", f"form:unconfigured:{digest}", {}, body,
+            return accept(SOURCE, None, body, kind="lead", dedup_key=f"form:unconfigured:{digest}",
                           ignore_reason="no website form is configured")
         event = lead_from_form(payload, body, form, config.default_region)
     except (MalformedPayload, ValidationError) as exc:
         return reject(SOURCE, 400, describe(exc))
 
     reason = None if event.lead.email else "the submission has no email address"
-    return accept(SOURCE, event.type, event.dedup_key, event.model_dump(mode="json"), body,
-                  ignore_reason=reason)
+    return accept(SOURCE, event, body, ignore_reason=reason)

@@ -33,8 +33,8 @@ def typeform() -> ResponseReturnValue:
     if event_type != "form_response" or form is None:
         token = payload["form_response"]["token"]
         reason = f"no flow acts on {event_type} events of form {form_id}"
-        return accept(SOURCE, event_type, f"typeform:{form_id}:{token}", {}, body,
-                      ignore_reason=reason)
+        return accept(SOURCE, None, body, kind=event_type,
+                      dedup_key=f"typeform:{form_id}:{token}", ignore_reason=reason)
 
     try:
         event = lead_from_typeform(payload, form, config.default_region)
@@ -42,6 +42,5 @@ def typeform() -> ResponseReturnValue:
         return reject(SOURCE, 400, describe(exc))
 
     reason = None if event.lead.email else "the submission has no email address"
-    return accept(SOURCE, event.type, event.dedup_key, event.model_dump(mode="json"), body,
-                  ignore_reason=reason)
+    return accept(SOURCE, event, body, ignore_reason=reason)
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +116,6 @@ def post(web: str, source: str, fixture: str, env: dict[str, str]) -> dict[str, 
     return {"http_status": answer.status_code, **answer.json(), "ack_ms": round(ack_ms, 1)}
 
 
-def _parse(moment: str) -> datetime:
-    return datetime.fromisoformat(moment)
-
-
 def outcome(web: str, sandbox: str, accepted: dict[str, Any], token: str) -> dict[str, Any]:
     """What the flow did for one lead, read from the run history and the emulators."""
     headers = {"Authorization": f"Bearer {token}"}
@@ -145,14 +140,12 @@ def outcome(web: str, sandbox: str, accepted: dict[str, Any], token: str) -> dic
     owner = next(u for u in state["pipedrive"]["users"] if u["id"] == deal["owner_id"])
     message_id = steps["send_welcome_email"]["output"]["message_id"]
     message = next(m for m in state["google"]["gmail"]["messages"] if m["id"] == message_id)
-    sent = _parse(steps["send_welcome_email"]["finished_at"])
     result.update(
-        person={"id": person["id"], "name": person["name"],
-                "created": steps["find_or_create_person"]["output"]["created"]},
+        person={"id": person["id"], "name": person["name"], "created": "create_person" in steps},
         deal={"id": deal["id"], "title": deal["title"], "value": deal.get("value")},
         owner=owner["name"],
         email_subject=message["headers"]["Subject"],
-        webhook_to_email_ms=round((sent - _parse(event["received_at"])).total_seconds() * 1000),
+        webhook_to_email_ms=steps["send_welcome_email"]["output"]["speed_to_lead_ms"],
     )
     return result
 

@@ -247,8 +247,12 @@ def test_run_history_shows_steps_and_masks_personal_data(client, sandbox) -> Non
     [run] = body["runs"]
     assert run["flow"] == "lead_capture" and run["attempts"] == 1
     assert [s["name"] for s in run["steps"]] == [
-        "find_or_create_person", "create_deal", "add_note", "send_welcome_email"
+        "find_person", "assign_owner", "create_person", "create_deal", "add_note",
+        "send_welcome_email",
     ]
+    assign = run["steps"][1]["output"]
+    assert assign["strategy"] == "round_robin" and assign["pool"] == "everyone"
+    assert run["steps"][-1]["output"]["speed_to_lead_ms"] >= 0
     assert all(s["status"] == "succeeded" and s["finished_at"] for s in run["steps"])
     text = answer.get_data(as_text=True)
     assert "ana.kovac@example.hr" not in text and "Ana Kovač" not in text
