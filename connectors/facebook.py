@@ -1,5 +1,7 @@
 """Facebook Graph API: read a lead-ad lead by its leadgen id."""
 
+import hashlib
+import hmac
 import logging
 from typing import Any
 
@@ -46,6 +48,10 @@ class GraphClient:
     def __init__(self, settings: Facebook, retry: Retry) -> None:
         self._base = f"{settings.graph_url.rstrip('/')}/{settings.api_version}"
         self._token = settings.page_access_token
+        # appsecret_proof ties each call to our app: a leaked token alone cannot read leads.
+        self._proof = hmac.new(
+            settings.app_secret.encode(), settings.page_access_token.encode(), hashlib.sha256
+        ).hexdigest()
         self._timeout = settings.timeout_s
         self._retry = retry
         self._http = requests.Session()
@@ -53,7 +59,7 @@ class GraphClient:
     def _get(self, path: str, params: dict[str, str], what: str) -> dict[str, Any]:
         try:
             response = self._http.get(
-                f"{self._base}/{path}", params={**params, "access_token": self._token},
+                f"{self._base}/{path}", params={**params, "access_token": self._token, "appsecret_proof": self._proof},
                 timeout=self._timeout,
             )
         except requests.RequestException as exc:

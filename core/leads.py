@@ -5,6 +5,7 @@ from datetime import datetime
 from typing import Any
 
 import phonenumbers
+from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, Field
 
 from core.config import BrowserForm, FacebookForm, TypeformForm, WebsiteForm
@@ -82,34 +83,74 @@ def normalise_phone(raw: str, region: str) -> str | None:
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
 
-def _assign(lead: dict[str, Any], attribute: str, value: Any, region: str) -> None:
+Scalar = str | int | float | bool
+MAX_TEXT = 2000
+
+
+def _scalar(value: Any, what: str) -> Scalar:
+    # bool is an int in Python; both are fine as answers, never as containers.
+    if not isinstance(value, Scalar):
+        raise MalformedPayload(f"{what} must be a string, number or boolean.")
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        raise MalformedPayload(f"{what} is longer than {MAX_TEXT} characters.")
+    return value
+
+
+def _answer(value: Any, what: str) -> Scalar | list[Scalar]:
+    """An answer value: a scalar, or a list of scalars (multiple choice)."""
+    if isinstance(value, list):
+        return [_scalar(item, what) for item in value]
+    return _scalar(value, what)
+
+
+def _assign(lead: dict[str, Any], attribute: str, value: Any) -> None:
     if value is None or value == "":
         return
-    text = str(value).strip()
+    text = str(_scalar(value, f"The {attribute} value")).strip()
     if attribute == "phone":
+        # Normalised in _finish(), once the lead's own country is known.
         lead["phone_as_typed"] = text
-        lead["phone"] = normalise_phone(text, region)
     elif attribute == "email":
+        try:
+            validate_email(text, check_deliverability=False)
+        except EmailNotValidError:
+            raise MalformedPayload("The email address is not valid.") from None
         # Kept as typed (a +tag and case included); compared through email_key().
         lead["email"] = text
     else:
-        lead[attribute] = text
+        # A line break in a name would end up in an email header: fold whitespace.
+        lead[attribute] = " ".join(text.split())
+
+
+def _finish(lead: dict[str, Any], region: str) -> "Lead":
+    """Normalise the phone, in the lead's own country when it gave one, and validate."""
+    country = str(lead.get("country") or "").strip().upper()
+    if country in phonenumbers.SUPPORTED_REGIONS:
+        region = country
+    if lead.get("phone_as_typed"):
+        lead["phone"] = normalise_phone(lead["phone_as_typed"], region)
+    return Lead.model_validate(lead)
 
 
 def typeform_answer_value(answer: dict[str, Any]) -> Any:
     """The value of one Typeform answer; it sits under a key named by the answer's type."""
     kind = answer.get("type")
     value = answer.get(kind) if isinstance(kind, str) else None
-    if kind == "choice" and isinstance(value, dict):
-        return value.get("label") or value.get("other")
-    if kind == "choices" and isinstance(value, dict):
-        labels = list(value.get("labels") or [])
-        if value.get("other"):
-            labels.append(value["other"])
+    what = f"The {kind} answer"
+    if kind == "choice" and value is not None:
+        choice = _object(value, what)
+        return _answer(choice.get("label") or choice.get("other"), what)
+    if kind == "choices" and value is not None:
+        choices = _object(value, what)
+        labels = _answer(choices.get("labels") or [], what)
+        if not isinstance(labels, list):
+            raise MalformedPayload(f"{what} must carry a list of labels.")
+        if choices.get("other"):
+            labels.append(_scalar(choices["other"], what))
         return labels
-    if kind == "payment" and isinstance(value, dict):
-        return value.get("amount")
-    return value
+    if kind == "payment" and value is not None:
+        return _answer(_object(value, what).get("amount"), what)
+    return None if value is None else _answer(value, what)
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:
@@ -140,24 +181,25 @@ def lead_from_typeform(payload: dict[str, Any], form: TypeformForm, region: str)
 
     lead: dict[str, Any] = {"answers": {}, "hidden": {}}
     for answer in answers:
-        ref = _object(answer, "Each answer").get("field", {}).get("ref")
+        field = _object(_object(answer, "Each answer").get("field"), "Each answer's field")
+        ref = field.get("ref")
         if not isinstance(ref, str):
-            raise MalformedPayload("Each answer needs field.ref.")
+            raise MalformedPayload("Each answer needs a field.ref string.")
         value = typeform_answer_value(answer)
         if ref in form.fields:
-            _assign(lead, form.fields[ref], value, form.region or region)
+            _assign(lead, form.fields[ref], value)
         elif value is not None:
             lead["answers"][ref] = value
 
-    hidden = response.get("hidden") or {}
-    lead["hidden"] = {str(k): str(v) for k, v in _object(hidden, "hidden").items() if v}
+    hidden = _object(response.get("hidden") or {}, "hidden")
+    lead["hidden"] = {k: str(_scalar(v, f"hidden.{k}")) for k, v in hidden.items() if v}
     return LeadEvent(
         source="typeform",
         dedup_key=f"typeform:{response['form_id']}:{response['token']}",
         form_id=response["form_id"],
         lead_source=form.lead_source,
         submitted_at=response.get("submitted_at"),
-        lead=Lead.model_validate(lead),
+        lead=_finish(lead, form.region or region),
     )
 
 
@@ -167,27 +209,31 @@ def lead_from_form(payload: Any, raw: bytes, form: WebsiteForm, region: str) -> 
     fields = _object(body.get("fields"), "fields")
     utm = _object(body.get("utm") or {}, "utm")
     submission_id = body.get("submission_id")
-    if submission_id is not None and not isinstance(submission_id, str | int):
+    if submission_id is not None and (
+        isinstance(submission_id, bool) or not isinstance(submission_id, str | int)
+    ):
         raise MalformedPayload("submission_id must be a string when present.")
+    form_name = body.get("form")
+    if form_name is not None and not isinstance(form_name, str):
+        raise MalformedPayload("form must be a string when present.")
 
-    lead: dict[str, Any] = {"answers": {}, "hidden": {str(k): str(v) for k, v in utm.items() if v}}
+    hidden = {k: str(_scalar(v, f"utm.{k}")) for k, v in utm.items() if v}
+    lead: dict[str, Any] = {"answers": {}, "hidden": hidden}
     for key, value in fields.items():
-        if isinstance(value, dict):
-            raise MalformedPayload(f"fields.{key} must be a string, number, boolean or list.")
         if key in form.fields:
-            _assign(lead, form.fields[key], value, form.region or region)
+            _assign(lead, form.fields[key], value)
         elif value not in (None, ""):
-            lead["answers"][key] = value
+            lead["answers"][key] = _answer(value, "Each field")
 
     # Without the backend's own id, the same bytes sent again are the same submission.
     identity = str(submission_id) if submission_id else hashlib.sha256(raw).hexdigest()
     return LeadEvent(
         source="form",
         dedup_key=f"form:{identity}",
-        form_id=str(body.get("form") or "website"),
+        form_id=form_name or "website",
         lead_source=form.lead_source,
         submitted_at=body.get("submitted_at"),
-        lead=Lead.model_validate(lead),
+        lead=_finish(lead, form.region or region),
     )
 
 
@@ -235,15 +281,16 @@ def lead_from_graph(field_data: Any, form: FacebookForm, region: str) -> Lead:
     mapping = {**FACEBOOK_STANDARD_FIELDS, **form.fields}
     lead: dict[str, Any] = {"answers": {}, "hidden": {}}
     for item in field_data:
+        item = _object(item, "Each field_data entry")
         name, values = item.get("name"), item.get("values") or []
         if not isinstance(name, str) or not isinstance(values, list):
-            continue
-        value: Any = values[0] if len(values) == 1 else values
+            raise MalformedPayload("Each field_data entry needs a name and a values list.")
+        value = _answer(values[0] if len(values) == 1 else values, f"The answer to {name!r}")
         if name in mapping and not isinstance(value, list):
-            _assign(lead, mapping[name], value, form.region or region)
+            _assign(lead, mapping[name], value)
         elif values:
             lead["answers"][name] = value
-    return Lead.model_validate(lead)
+    return _finish(lead, form.region or region)
 
 
 def lead_from_browser(
@@ -256,7 +303,7 @@ def lead_from_browser(
             continue
         value: Any = values[0] if len(values) == 1 else values
         if name in form.fields and not isinstance(value, list):
-            _assign(lead, form.fields[name], value, form.region or region)
+            _assign(lead, form.fields[name], value)
         elif name.startswith("utm_") and value:
             lead["hidden"][name] = str(value)
         elif value not in ("", []):
@@ -266,5 +313,5 @@ def lead_from_browser(
         dedup_key=f"browser_form:{key}:{hashlib.sha256(raw).hexdigest()}",
         form_id=key,
         lead_source=form.lead_source,
-        lead=Lead.model_validate(lead),
+        lead=_finish(lead, form.region or region),
     )

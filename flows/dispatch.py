@@ -12,6 +12,8 @@ logger = logging.getLogger(__name__)
 FLOWS_BY_SOURCE = {
     "typeform": lead_capture.run,
     "form": lead_capture.run,
+    "browser_form": lead_capture.run,
+    "facebook": lead_capture.run,
 }
 
 

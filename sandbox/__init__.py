@@ -1,4 +1,4 @@
-"""Vendor emulators (Pipedrive, Google) that the product's real clients talk to over HTTP."""
+"""Vendor emulators (Pipedrive, Google, Facebook Graph) that real clients reach over HTTP."""
 
 from sandbox.app import create_sandbox_app
 

@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from sandbox import google, pipedrive
+from sandbox import facebook, google, pipedrive
 from sandbox.state import EXTENSION_KEY, SandboxState, current_state
 from sandbox.vendor import VendorEmulator
 
@@ -24,10 +24,15 @@ def create_sandbox_app(seed: bool = True) -> Flask:
     # Vendors send UTF-8 as is and keep their key order; tests compare against that.
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    emulators: list[VendorEmulator] = [pipedrive.from_env(), google.from_env()]
+    emulators: list[VendorEmulator] = [
+        pipedrive.from_env(), google.from_env(), facebook.from_env(),
+    ]  # fmt: skip
     app.extensions[EXTENSION_KEY] = SandboxState(emulators, seed=seed)
     for emulator in emulators:
         app.register_blueprint(emulator.blueprint(), url_prefix=emulator.prefix)
+        vendor_control = emulator.control_blueprint()
+        if vendor_control is not None:
+            app.register_blueprint(vendor_control)
     app.register_blueprint(control)
     app.before_request(_before_vendor_call)
     app.after_request(_after_vendor_call)

@@ -12,12 +12,16 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-FAULT_KINDS = ("429", "500", "502", "503", "delay", "timeout")
-VENDOR_NAMES = ("pipedrive", "google", "*")
+FAULT_KINDS = ("429", "500", "502", "503", "delay", "timeout", "graph_throttle")
+VENDOR_NAMES = ("pipedrive", "google", "facebook", "*")
+# Graph API throttling codes: app (4), user (17), page (32) and per-API (613) limits.
+GRAPH_THROTTLE_CODES = (4, 17, 32, 613)
 DEFAULT_DELAY_MS = 1000
 DEFAULT_TIMEOUT_MS = 30000
 DEFAULT_RESET_S = 2
-_SPEC_KEYS = {"vendor", "method", "path", "kind", "count", "probability", "delay_ms", "reset_s"}
+_SPEC_KEYS = {
+    "vendor", "method", "path", "kind", "count", "probability", "delay_ms", "reset_s", "code",
+}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -33,6 +37,7 @@ class FaultSpec:
     probability: float | None = None
     delay_ms: int = DEFAULT_DELAY_MS
     reset_s: int = DEFAULT_RESET_S
+    code: int | None = None
     hits: int = 0
 
     def matches(self, vendor: str, method: str, path: str) -> bool:
@@ -75,6 +80,7 @@ def parse_fault_spec(raw: Any, fault_id: int) -> FaultSpec:
     count = raw.get("count", 1)
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise ValueError(f"Fault count must be a positive integer, got {count!r}.")
+    code = _fault_code(raw, kind, vendor)
     default_delay = DEFAULT_TIMEOUT_MS if kind == "timeout" else DEFAULT_DELAY_MS
     return FaultSpec(
         id=fault_id,
@@ -87,7 +93,21 @@ def parse_fault_spec(raw: Any, fault_id: int) -> FaultSpec:
         probability=float(probability) if probability is not None else None,
         delay_ms=_non_negative_int(raw, "delay_ms", default_delay),
         reset_s=_non_negative_int(raw, "reset_s", DEFAULT_RESET_S),
+        code=code,
     )
+
+
+def _fault_code(raw: dict[str, Any], kind: str, vendor: str) -> int | None:
+    if kind != "graph_throttle":
+        if "code" in raw:
+            raise ValueError("Fault code is only taken by kind graph_throttle.")
+        return None
+    if vendor != "facebook":
+        raise ValueError(f"Fault kind graph_throttle is for vendor facebook, got {vendor!r}.")
+    code = raw.get("code", 4)
+    if code not in GRAPH_THROTTLE_CODES or isinstance(code, bool):
+        raise ValueError(f"Fault code must be one of {GRAPH_THROTTLE_CODES}, got {code!r}.")
+    return int(code)
 
 
 def _non_negative_int(raw: dict[str, Any], key: str, default: int) -> int:

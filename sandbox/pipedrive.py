@@ -1,4 +1,5 @@
-"""Pipedrive emulator: API v2 persons, organizations, deals, pipelines, fields; v1 users, notes."""
+"""Pipedrive emulator: API v2 persons, organizations, deals, activities, pipelines, fields;
+v1 users, notes, activity types, webhooks (with delivery) and files."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import binascii
 import collections
 import copy
 import datetime as dt
+import hashlib
 import json
 import logging
 import math
@@ -14,11 +16,13 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request
 
+from sandbox import pipedrive_hooks as hooks
 from sandbox.faults import FaultSpec
 from sandbox.state import current_state
 from sandbox.vendor import VendorEmulator, VendorStore
@@ -39,6 +43,7 @@ VISIBILITY = (1, 3, 5, 7)
 _SEARCH_PATH = re.compile(r"/search$|/itemSearch$")
 
 bp = Blueprint("pipedrive", __name__)
+control = Blueprint("pipedrive_control", __name__, url_prefix="/_sandbox/pipedrive")
 
 
 class PipedriveError(Exception):
@@ -126,6 +131,20 @@ SYSTEM_DEAL_FIELDS = [
 ]
 
 
+SEED_ACTIVITY_TYPES = [
+    ("Call", "call"), ("Meeting", "meeting"), ("Task", "task"), ("Deadline", "deadline"),
+    ("Email", "email"), ("Lunch", "lunch"),
+]  # fmt: skip
+
+
+def _seed_activity_type(type_id: int, name: str, key: str) -> dict[str, Any]:
+    return {
+        "id": type_id, "order_nr": type_id, "name": name, "key_string": key, "icon_key": key,
+        "active_flag": True, "color": None, "is_custom_flag": False,
+        "add_time": "2026-11-02 08:00:00", "update_time": "2026-11-02 08:00:00",
+    }  # fmt: skip
+
+
 def _seed_user(user_id: int, name: str, email: str, active: bool, admin: bool) -> dict[str, Any]:
     return {
         "id": user_id,
@@ -175,7 +194,19 @@ class PipedriveStore(VendorStore):
         self.persons: dict[int, dict[str, Any]] = {}
         self.deals: dict[int, dict[str, Any]] = {}
         self.notes: dict[int, dict[str, Any]] = {}
-        self.next_ids = {"person": 1900, "organization": 800, "deal": 5300, "note": 9000}
+        self.activities: dict[int, dict[str, Any]] = {}
+        self.activity_types: dict[int, dict[str, Any]] = {}
+        self.webhooks: dict[int, dict[str, Any]] = {}
+        self.deliveries: list[dict[str, Any]] = []
+        self.files: dict[int, dict[str, Any]] = {}
+        self.file_contents: dict[int, bytes] = {}
+        self.first_won_times: dict[int, str] = {}
+        # Set when the store is replaced: pending webhook retries then give up.
+        self.stop = threading.Event()
+        self.next_ids = {
+            "person": 1900, "organization": 800, "deal": 5300, "note": 9000,
+            "activity": 9900, "webhook": 1927400, "file": 700,
+        }  # fmt: skip
         self.windows: dict[tuple[str, str], collections.deque[float]] = {}
         self.window_lock = threading.Lock()
         if seed:
@@ -195,6 +226,8 @@ class PipedriveStore(VendorStore):
                 "deal_probability": 100, "pipeline_id": 1, "is_deal_rot_enabled": False,
                 "days_to_rotten": None, "add_time": SEED_TIME, "update_time": SEED_TIME,
             }  # fmt: skip
+        for type_id, (name, key) in enumerate(SEED_ACTIVITY_TYPES, start=1):
+            self.activity_types[type_id] = _seed_activity_type(type_id, name, key)
         self.deal_fields = [_seed_field(n, c, k, None, False) for n, c, k in SYSTEM_DEAL_FIELDS]
         self.deal_fields += [_seed_field(n, c, k, o, True) for n, c, k, o in SEED_CUSTOM_FIELDS]
         self.organizations[733] = _new_org(733, "შპს „ბერიძე დიზაინი“", 21458877, SEED_TIME)
@@ -226,8 +259,17 @@ class PipedriveStore(VendorStore):
                 "persons": list(self.persons.values()),
                 "deals": list(self.deals.values()),
                 "notes": list(self.notes.values()),
+                "activities": list(self.activities.values()),
+                "activityTypes": list(self.activity_types.values()),
+                "webhooks": list(self.webhooks.values()),
+                "webhook_deliveries": self.deliveries,
+                "files": list(self.files.values()),
             }
         )
+
+    def close(self) -> None:
+        """Stop pending webhook retries."""
+        self.stop.set()
 
 
 def _contact(value: str, primary: bool = False, label: str = "work") -> dict[str, Any]:
@@ -343,6 +385,10 @@ class PipedriveEmulator(VendorEmulator):
     def product_env(self, base_url: str) -> dict[str, str]:
         """Point the product's Pipedrive connector here."""
         return {"PIPEDRIVE_BASE_URL": base_url + self.prefix, "PIPEDRIVE_API_TOKEN": self.token}
+
+    def control_blueprint(self) -> Blueprint:
+        """Return /_sandbox/pipedrive/... routes (changes made in Pipedrive's UI, deliveries)."""
+        return control
 
 
 def from_env() -> PipedriveEmulator:
@@ -577,7 +623,46 @@ def add_person() -> Response:
         person["label_ids"] = body.get("label_ids", [])
         store.persons[person["id"]] = person
         logger.info("pipedrive person created id=%s", person["id"])
+        emit(store, "person", "create", None, person, "api")
         return _ok(copy.deepcopy(person))
+
+
+def change_person(
+    store: PipedriveStore, person_id: int, body: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Apply a v2 PATCH body to a person; return the person before and after. Hold the lock."""
+    person = store.persons.get(person_id)
+    if person is None or person["is_deleted"]:
+        raise PipedriveError(404, "Person not found")
+    _check_schema(body, PERSON_SCHEMA)
+    _check_name(body, "name", required=False)
+    if body.get("custom_fields"):
+        raise PipedriveError(400, "Person custom field not found: no person fields exist.")
+    _check_refs(store, body)
+    updated = copy.deepcopy(person)
+    for key in ("emails", "phones"):
+        if key in body:
+            updated[key] = _contacts(body, key)
+    plain = set(body) - {"emails", "phones", "custom_fields", "name"}
+    updated.update({key: body[key] for key in plain})
+    if "name" in body:
+        first, _, last = body["name"].strip().partition(" ")
+        updated.update(name=body["name"].strip(), first_name=first, last_name=last or None)
+    updated["update_time"] = body.get("update_time", _rfc3339(_now()))
+    store.persons[person_id] = updated
+    logger.info("pipedrive person updated id=%s keys=%s", person_id, sorted(body))
+    return person, updated
+
+
+@bp.patch("/api/v2/persons/<int:person_id>")
+def update_person(person_id: int) -> Response:
+    """Change some fields of a person (updatePerson)."""
+    body = _json_body()
+    store = _store()
+    with current_state().lock:
+        before, updated = change_person(store, person_id, body)
+        emit(store, "person", "change", before, updated, "api")
+        return _ok(copy.deepcopy(updated))
 
 
 @bp.get("/api/v2/persons/<int:person_id>")
@@ -889,6 +974,37 @@ def _new_deal(store: PipedriveStore, body: dict[str, Any], now: str) -> dict[str
     return deal
 
 
+def _note_first_win(store: PipedriveStore, deal: dict[str, Any]) -> None:
+    if deal["status"] == "won" and deal["id"] not in store.first_won_times:
+        store.first_won_times[deal["id"]] = deal["won_time"]
+
+
+def emit(
+    store: PipedriveStore,
+    entity: str,
+    action: str,
+    before: dict[str, Any] | None,
+    after: dict[str, Any],
+    source: str,
+    user_id: int = ADMIN_USER_ID,
+) -> None:
+    """Send webhooks for one change to every matching subscription (in the background)."""
+    data = hooks.v2_data(store, entity, after)
+    previous = hooks.v2_previous(hooks.v2_data(store, entity, before), data) if before else None
+    if action == "change" and not previous:
+        return  # nothing a subscriber could see changed
+    change = {
+        "entity": entity, "action": action, "id": after["id"], "event_id": str(uuid.uuid4()),
+        "user_id": user_id, "change_source": source,
+        "permitted_user_ids": sorted({ADMIN_USER_ID, after["owner_id"]}),
+        "data": data, "previous": previous,
+        "v1_current": hooks.v1_object(store, entity, after),
+        "v1_previous": hooks.v1_object(store, entity, before),
+    }  # fmt: skip
+    state = current_state()
+    hooks.deliver(store, state.lock, change, state.setting("pipedrive_webhook_retry_percent"))
+
+
 @bp.post("/api/v2/deals")
 def add_deal() -> Response:
     """Create a deal (addDeal)."""
@@ -908,7 +1024,9 @@ def add_deal() -> Response:
         deal["lost_reason"] = body.get("lost_reason")
         deal["custom_fields"].update(custom)
         store.deals[deal["id"]] = deal
+        _note_first_win(store, deal)
         logger.info("pipedrive deal created id=%s stage=%s", deal["id"], deal["stage_id"])
+        emit(store, "deal", "create", None, deal, "api")
         return _ok(copy.deepcopy(deal))
 
 
@@ -917,9 +1035,41 @@ def get_deal(deal_id: int) -> Response:
     """Return one deal (getDeal)."""
     with current_state().lock:
         deal = _store().deals.get(deal_id)
-        if deal is None:
+        if deal is None or deal["is_deleted"]:
             raise PipedriveError(404, "Deal not found")
         return _ok(copy.deepcopy(deal))
+
+
+def change_deal(
+    store: PipedriveStore, deal_id: int, body: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Apply a v2 PATCH body to a deal; return the deal before and after. Hold the lock."""
+    deal = store.deals.get(deal_id)
+    if deal is None or deal["is_deleted"]:
+        raise PipedriveError(404, "Deal not found")
+    _check_deal_body(store, body, creating=False)
+    custom = _custom_values(store, body.get("custom_fields", {}))
+    status = body.get("status", deal["status"])
+    if body.get("lost_reason") is not None and status != "lost":
+        raise PipedriveError(400, "Property 'lost_reason' can only be set on a lost deal.")
+    now = _rfc3339(_now())
+    updated = copy.deepcopy(deal)
+    _place_deal(store, updated, body)
+    plain = set(body) - {"pipeline_id", "stage_id", "status", "custom_fields"}
+    updated.update({key: body[key] for key in plain})
+    if "title" in body:
+        updated["title"] = body["title"].strip()
+    if status != deal["status"] and status != "lost":
+        updated["lost_reason"] = None  # reopening or winning drops the old reason
+    _apply_status(updated, status, now)
+    updated["custom_fields"].update(custom)
+    if updated["stage_id"] != deal["stage_id"]:
+        updated["stage_change_time"] = now
+    updated["update_time"] = now
+    store.deals[deal_id] = updated
+    _note_first_win(store, updated)
+    logger.info("pipedrive deal updated id=%s keys=%s", deal_id, sorted(body))
+    return deal, updated
 
 
 @bp.patch("/api/v2/deals/<int:deal_id>")
@@ -928,28 +1078,8 @@ def update_deal(deal_id: int) -> Response:
     body = _json_body()
     store = _store()
     with current_state().lock:
-        deal = store.deals.get(deal_id)
-        if deal is None:
-            raise PipedriveError(404, "Deal not found")
-        _check_deal_body(store, body, creating=False)
-        custom = _custom_values(store, body.get("custom_fields", {}))
-        status = body.get("status", deal["status"])
-        if body.get("lost_reason") is not None and status != "lost":
-            raise PipedriveError(400, "Property 'lost_reason' can only be set on a lost deal.")
-        now = _rfc3339(_now())
-        updated = copy.deepcopy(deal)
-        _place_deal(store, updated, body)
-        plain = set(body) - {"pipeline_id", "stage_id", "status", "custom_fields"}
-        updated.update({key: body[key] for key in plain})
-        if "title" in body:
-            updated["title"] = body["title"].strip()
-        _apply_status(updated, status, now)
-        updated["custom_fields"].update(custom)
-        if updated["stage_id"] != deal["stage_id"]:
-            updated["stage_change_time"] = now
-        updated["update_time"] = now
-        store.deals[deal_id] = updated
-        logger.info("pipedrive deal updated id=%s keys=%s", deal_id, sorted(body))
+        before, updated = change_deal(store, deal_id, body)
+        emit(store, "deal", "change", before, updated, "api")
         return _ok(copy.deepcopy(updated))
 
 
@@ -1116,3 +1246,377 @@ def get_notes() -> Response:
     if more:
         pagination["next_start"] = start + limit
     return _ok(page, {"pagination": pagination})
+
+
+# --- activities (v2) and activity types (v1) ------------------------------------------------
+
+
+def _is_hhmm(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value) is not None
+
+
+ACTIVITY_SCHEMA: dict[str, tuple[Check, bool]] = {
+    "subject": (_is_str, False), "type": (_is_str, False), "owner_id": (_is_int, False),
+    "deal_id": (_is_int, True), "lead_id": (_is_str, True), "person_id": (_is_int, True),
+    "org_id": (_is_int, True), "project_id": (_is_int, True), "due_date": (_is_date, True),
+    "due_time": (_is_hhmm, True), "duration": (_is_hhmm, True), "busy": (_is_bool, False),
+    "done": (_is_bool, False), "location": (_is_dict, True),
+    "participants": (lambda v: isinstance(v, list), False),
+    "attendees": (lambda v: isinstance(v, list), False),
+    "public_description": (_is_str, True), "priority": (_is_int, True), "note": (_is_str, True),
+}  # fmt: skip
+_TYPE_NAMES[_is_hhmm] = "a time (HH:MM)"
+
+
+def _check_activity(store: PipedriveStore, body: dict[str, Any], creating: bool) -> None:
+    _check_schema(body, ACTIVITY_SCHEMA)
+    _check_name(body, "subject", required=creating)
+    if body.get("due_date") is not None:
+        try:
+            dt.date.fromisoformat(body["due_date"])
+        except ValueError:
+            raise PipedriveError(400, "Property 'due_date' is not a valid date.") from None
+    keys = {t["key_string"] for t in store.activity_types.values() if t["active_flag"]}
+    if "type" in body and body["type"] not in keys:
+        raise PipedriveError(
+            400, f"Activity type '{body['type']}' does not exist; known: {sorted(keys)}."
+        )
+    _check_refs(store, body)
+    deal_id = body.get("deal_id")
+    if deal_id is not None and (deal_id not in store.deals or store.deals[deal_id]["is_deleted"]):
+        raise PipedriveError(400, f"Deal with id {deal_id} referenced by 'deal_id' not found.")
+    for index, item in enumerate(body.get("participants") or []):
+        if not isinstance(item, dict) or item.get("person_id") not in store.persons:
+            raise PipedriveError(400, f"Property 'participants[{index}].person_id' not found.")
+
+
+def _new_activity(store: PipedriveStore, body: dict[str, Any], now: str) -> dict[str, Any]:
+    participants = [
+        {"person_id": p["person_id"], "primary": bool(p.get("primary", False))}
+        for p in body.get("participants") or []
+    ]
+    if body.get("person_id") and not participants:
+        participants = [{"person_id": body["person_id"], "primary": True}]
+    return {
+        "id": store.take_id("activity"), "subject": body["subject"].strip(),
+        "type": body.get("type", "call"), "owner_id": body.get("owner_id", ADMIN_USER_ID),
+        "creator_user_id": ADMIN_USER_ID, "is_deleted": False, "add_time": now,
+        "update_time": now, "deal_id": body.get("deal_id"), "lead_id": body.get("lead_id"),
+        "person_id": body.get("person_id"), "org_id": body.get("org_id"),
+        "project_id": body.get("project_id"), "due_date": body.get("due_date"),
+        "due_time": body.get("due_time"), "duration": body.get("duration"),
+        "busy": body.get("busy", False), "done": body.get("done", False),
+        "marked_as_done_time": now if body.get("done") else None,
+        "location": body.get("location"), "participants": participants,
+        "attendees": body.get("attendees", []), "conference_meeting_client": None,
+        "conference_meeting_url": None, "conference_meeting_id": None,
+        "public_description": body.get("public_description"),
+        "priority": body.get("priority"), "note": body.get("note"),
+    }  # fmt: skip
+
+
+@bp.post("/api/v2/activities")
+def add_activity() -> Response:
+    """Create an activity (addActivity)."""
+    body = _json_body()
+    store = _store()
+    with current_state().lock:
+        _check_activity(store, body, creating=True)
+        activity = _new_activity(store, body, _rfc3339(_now()))
+        store.activities[activity["id"]] = activity
+        logger.info("pipedrive activity created id=%s type=%s", activity["id"], activity["type"])
+        return _ok(copy.deepcopy(activity))
+
+
+@bp.get("/api/v2/activities/<int:activity_id>")
+def get_activity(activity_id: int) -> Response:
+    """Return one activity (getActivity)."""
+    with current_state().lock:
+        activity = _store().activities.get(activity_id)
+        if activity is None or activity["is_deleted"]:
+            raise PipedriveError(404, "Activity not found")
+        return _ok(copy.deepcopy(activity))
+
+
+@bp.get("/api/v2/activities")
+def get_activities() -> Response:
+    """List activities filtered by owner, deal, person, organization or done (getActivities)."""
+    filters = {key: _query_int(key) for key in ("owner_id", "deal_id", "person_id", "org_id")}
+    done = request.args.get("done")
+    if done not in (None, "true", "false"):
+        raise PipedriveError(400, "Parameter 'done' must be true or false.")
+    with current_state().lock:
+        activities = [
+            copy.deepcopy(activity)
+            for activity in _store().activities.values()
+            if not activity["is_deleted"]
+            and all(value is None or activity[key] == value for key, value in filters.items())
+            and (done is None or activity["done"] == (done == "true"))
+        ]
+    page, additional = _page(activities)
+    return _ok(page, additional)
+
+
+@bp.get("/v1/activityTypes")
+def get_activity_types() -> Response:
+    """List activity types (v1 getActivityTypes)."""
+    with current_state().lock:
+        return _ok(copy.deepcopy(list(_store().activity_types.values())))
+
+
+# --- v1 webhooks ----------------------------------------------------------------------------
+
+WEBHOOK_ACTIONS = {
+    "1.0": ("added", "updated", "merged", "deleted", "*"),
+    "2.0": ("create", "change", "delete", "*"),
+}
+WEBHOOK_OBJECTS = (
+    "activity", "deal", "lead", "note", "organization", "person", "pipeline", "product",
+    "stage", "user", "*",
+)  # fmt: skip
+
+
+def _webhook_refusal(errors: dict[str, list[str]]) -> Response:
+    # Webhook endpoints answer validation failures in their own shape, not the usual envelope.
+    response = jsonify({"status": "error", "success": False, "errors": errors})
+    response.status_code = 400
+    return response
+
+
+def _webhook_errors(store: PipedriveStore, body: Mapping[str, Any]) -> dict[str, list[str]]:
+    errors: dict[str, list[str]] = {}
+    for key in ("subscription_url", "event_action", "event_object", "name"):
+        if not isinstance(body.get(key), str) or not body[key].strip():
+            errors[key] = [f"The field {key} is required."]
+    url = body.get("subscription_url")
+    if "subscription_url" not in errors and not re.fullmatch(r"https?://[^\s/]+\S*", url):
+        errors["subscription_url"] = ["The field subscription_url must be a valid URL."]
+    version = body.get("version", "2.0")
+    if version not in WEBHOOK_ACTIONS:
+        errors["version"] = ["The field version must be one of 1.0, 2.0."]
+    elif "event_action" not in errors and body["event_action"] not in WEBHOOK_ACTIONS[version]:
+        allowed = ", ".join(WEBHOOK_ACTIONS[version])
+        errors["event_action"] = [f"The field event_action must be one of {allowed}."]
+    if "event_object" not in errors and body["event_object"] not in WEBHOOK_OBJECTS:
+        errors["event_object"] = ["The field event_object is not a supported object."]
+    user_id = body.get("user_id")
+    if user_id is not None and (not _is_int(user_id) or user_id not in store.users):
+        errors["user_id"] = [f"User {user_id!r} not found."]
+    return errors
+
+
+@bp.get("/v1/webhooks")
+def get_webhooks() -> Response:
+    """List the company's webhooks (v1 getWebhooks)."""
+    with current_state().lock:
+        webhooks = copy.deepcopy(list(_store().webhooks.values()))
+    return jsonify({"status": "ok", "success": True, "data": webhooks})
+
+
+@bp.post("/v1/webhooks")
+def add_webhook() -> Response:
+    """Subscribe a URL to events (v1 addWebhook); `name` is required by the current API."""
+    body = _v1_body()
+    store = _store()
+    with current_state().lock:
+        errors = _webhook_errors(store, body)
+        if errors:
+            return _webhook_refusal(errors)
+        webhook = {
+            "id": store.take_id("webhook"), "company_id": hooks.COMPANY_ID,
+            "owner_id": ADMIN_USER_ID, "user_id": body.get("user_id", ADMIN_USER_ID),
+            "event_action": body["event_action"], "event_object": body["event_object"],
+            "subscription_url": body["subscription_url"],
+            "version": body.get("version", "2.0"), "is_active": 1,
+            "add_time": hooks._stamp_ms(dt.datetime.now(dt.UTC)), "remove_time": None,
+            "type": "general", "http_auth_user": body.get("http_auth_user"),
+            "http_auth_password": body.get("http_auth_password"), "remove_reason": None,
+            "last_delivery_time": None, "last_http_status": None, "admin_id": ADMIN_USER_ID,
+            "name": body["name"].strip(),
+        }  # fmt: skip
+        store.webhooks[webhook["id"]] = webhook
+    logger.info(
+        "pipedrive webhook created id=%s event=%s.%s version=%s",
+        webhook["id"], webhook["event_action"], webhook["event_object"], webhook["version"],
+    )  # fmt: skip
+    response = jsonify({"status": "ok", "success": True, "data": copy.deepcopy(webhook)})
+    response.status_code = 201
+    return response
+
+
+@bp.delete("/v1/webhooks/<int:webhook_id>")
+def delete_webhook(webhook_id: int) -> Response:
+    """Remove a webhook (v1 deleteWebhook)."""
+    with current_state().lock:
+        if _store().webhooks.pop(webhook_id, None) is None:
+            raise PipedriveError(404, "Webhook not found")
+    logger.info("pipedrive webhook deleted id=%s", webhook_id)
+    return jsonify({"status": "ok", "success": True})
+
+
+# --- v1 files -------------------------------------------------------------------------------
+
+FILE_REFS = ("deal_id", "person_id", "org_id", "product_id", "activity_id")
+MAX_FILE_LIMIT = 100
+
+
+def _file_view(store: PipedriveStore, record: dict[str, Any]) -> dict[str, Any]:
+    view = copy.deepcopy(record)
+    deal = store.deals.get(record["deal_id"] or 0)
+    person = store.persons.get(record["person_id"] or 0)
+    org = store.organizations.get(record["org_id"] or 0)
+    view["deal_name"] = deal["title"] if deal else None
+    view["person_name"] = person["name"] if person else None
+    view["org_name"] = org["name"] if org else None
+    return view
+
+
+@bp.post("/v1/files")
+def add_file() -> Response:
+    """Upload a file and attach it to a deal, person, organization or activity (v1 addFile)."""
+    upload = request.files.get("file")
+    if upload is None or not upload.filename:
+        raise PipedriveError(400, "No file was uploaded: send it as multipart field 'file'.")
+    refs = {key: _v1_id(request.form, key) for key in FILE_REFS}
+    content = upload.read()
+    store = _store()
+    with current_state().lock:
+        tables = {
+            "deal_id": store.deals, "person_id": store.persons, "org_id": store.organizations,
+            "activity_id": store.activities, "product_id": {},
+        }  # fmt: skip
+        for key, value in refs.items():
+            if value is not None and value not in tables[key]:
+                raise PipedriveError(400, f"Item referenced by '{key}' ({value}) not found.")
+        if all(value is None for value in refs.values()):
+            raise PipedriveError(400, "Attach the file to a deal, person, org or activity.")
+        now = _v1_time(_now())
+        file_id = store.take_id("file")
+        name = upload.filename
+        record = {
+            "id": file_id, "user_id": ADMIN_USER_ID, **refs, "lead_id": None,
+            "log_id": None, "add_time": now, "update_time": now, "file_name": name,
+            "file_type": name.rsplit(".", 1)[-1].lower() if "." in name else "",
+            "file_size": len(content), "active_flag": True, "inline_flag": False,
+            "remote_location": "s3", "remote_id": None, "cid": None, "s3_bucket": None,
+            "mail_message_id": None, "mail_template_id": None, "product_name": None,
+            "lead_name": None, "url": f"https://{hooks.HOST}/v1/files/{file_id}/download",
+            "name": name, "description": None,
+            "sha256": hashlib.sha256(content).hexdigest(),
+        }  # fmt: skip
+        store.files[file_id] = record
+        store.file_contents[file_id] = content
+        logger.info("pipedrive file added id=%s size=%s", file_id, len(content))
+        return _ok(_file_view(store, record))
+
+
+def _file_page(files: list[dict[str, Any]]) -> Response:
+    start = _v1_id(request.args, "start") or 0
+    limit = _v1_id(request.args, "limit") or MAX_FILE_LIMIT
+    if not 1 <= limit <= MAX_FILE_LIMIT:
+        raise PipedriveError(400, f"Parameter 'limit' must be between 1 and {MAX_FILE_LIMIT}.")
+    page = files[start : start + limit]
+    more = start + limit < len(files)
+    pagination: dict[str, Any] = {"start": start, "limit": limit, "more_items_in_collection": more}
+    if more:
+        pagination["next_start"] = start + limit
+    return _ok(page, {"pagination": pagination})
+
+
+@bp.get("/v1/files")
+def get_files() -> Response:
+    """List all files (v1 getFiles); like Pipedrive's it has no deal filter."""
+    store = _store()
+    with current_state().lock:
+        files = [_file_view(store, f) for f in store.files.values() if f["active_flag"]]
+    return _file_page(files)
+
+
+@bp.get("/v1/deals/<int:deal_id>/files")
+def get_deal_files(deal_id: int) -> Response:
+    """List the files attached to a deal (v1 getDealFiles)."""
+    store = _store()
+    with current_state().lock:
+        if deal_id not in store.deals:
+            raise PipedriveError(404, "Deal not found")
+        files = [
+            _file_view(store, f)
+            for f in store.files.values()
+            if f["active_flag"] and f["deal_id"] == deal_id
+        ]
+    return _file_page(files)
+
+
+@bp.get("/v1/files/<int:file_id>")
+def get_file(file_id: int) -> Response:
+    """Return one file's details (v1 getFile)."""
+    store = _store()
+    with current_state().lock:
+        record = store.files.get(file_id)
+        if record is None:
+            raise PipedriveError(404, "File not found")
+        return _ok(_file_view(store, record))
+
+
+@bp.get("/v1/files/<int:file_id>/download")
+def download_file(file_id: int) -> Response:
+    """Return a file's bytes (v1 downloadFile)."""
+    store = _store()
+    with current_state().lock:
+        record, content = store.files.get(file_id), store.file_contents.get(file_id)
+    if record is None or content is None:
+        raise PipedriveError(404, "File not found")
+    response = Response(content, content_type="application/octet-stream")
+    response.headers["Content-Disposition"] = f'attachment; filename="{record["file_name"]}"'
+    return response
+
+
+# --- control: changes made by a user in Pipedrive's UI --------------------------------------
+
+
+@control.errorhandler(PipedriveError)
+def _control_refused(exc: PipedriveError) -> Response:
+    response = jsonify({"error": exc.message})
+    response.status_code = exc.status
+    return response
+
+
+def _acting_user(body: dict[str, Any], owner_id: int) -> tuple[dict[str, Any], int]:
+    fields = dict(body)
+    user_id = fields.pop("user_id", owner_id)
+    if user_id not in _store().users:
+        raise PipedriveError(400, f"User {user_id!r} not found.")
+    return fields, user_id
+
+
+@control.post("/deals/<int:deal_id>")
+def change_deal_in_app(deal_id: int) -> Response:
+    """Change a deal as a Pipedrive user would (webhooks say change_source "app")."""
+    body = _json_body()
+    store = _store()
+    with current_state().lock:
+        deal = store.deals.get(deal_id)
+        fields, user_id = _acting_user(body, deal["owner_id"] if deal else ADMIN_USER_ID)
+        before, updated = change_deal(store, deal_id, fields)
+        emit(store, "deal", "change", before, updated, "app", user_id)
+        return jsonify(copy.deepcopy(updated))
+
+
+@control.post("/persons/<int:person_id>")
+def change_person_in_app(person_id: int) -> Response:
+    """Change a person as a Pipedrive user would (webhooks say change_source "app")."""
+    body = _json_body()
+    store = _store()
+    with current_state().lock:
+        person = store.persons.get(person_id)
+        fields, user_id = _acting_user(body, person["owner_id"] if person else ADMIN_USER_ID)
+        before, updated = change_person(store, person_id, fields)
+        emit(store, "person", "change", before, updated, "app", user_id)
+        return jsonify(copy.deepcopy(updated))
+
+
+@control.get("/deliveries")
+def list_deliveries() -> Response:
+    """List every webhook delivery attempt, oldest first."""
+    with current_state().lock:
+        return jsonify(copy.deepcopy(_store().deliveries))

@@ -20,6 +20,8 @@ DEFAULT_CONFIG: dict[str, int] = {
     "pipedrive_rate_limit": 0,
     "pipedrive_search_rate_limit": 0,
     "google_token_expires_in": 3599,
+    # Pipedrive retries a failed webhook after 3, 30 and 150 s; tests scale that down.
+    "pipedrive_webhook_retry_percent": 100,
 }
 # Settings that must stay above zero: a token that expires at once would make every call 401.
 _POSITIVE_SETTINGS = {"google_token_expires_in"}
@@ -43,11 +45,19 @@ class SandboxState:
     def reset(self) -> None:
         """Return every vendor to its seed, and drop settings, faults and the call log."""
         with self.lock:
+            self.close()
             self.stores = {name: em.new_store(self.seed) for name, em in self.emulators.items()}
             self.config = dict(DEFAULT_CONFIG)
             self.calls = []
         self.faults.clear()
         logger.info("sandbox reset seed=%s", self.seed)
+
+    def close(self) -> None:
+        """Stop the background work of every current store."""
+        with self.lock:
+            stores = list(self.stores.values())
+        for store in stores:
+            store.close()
 
     def store(self, name: str, kind: type[StoreT]) -> StoreT:
         """Return the store of vendor `name`, checked to be of type `kind`."""

@@ -55,6 +55,7 @@ class SandboxServer:
             return
         # Wake requests parked on a delay or timeout fault so shutdown does not wait for them.
         self.state_object.faults.clear()
+        self.state_object.close()
         self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:
@@ -102,6 +103,31 @@ class SandboxServer:
     def configure(self, **settings: Any) -> dict[str, Any]:
         """Change settings: latency_ms, pipedrive_rate_limit, pipedrive_search_rate_limit, ..."""
         return self._control("POST", "/config", settings)
+
+    def graph_lead(self, **lead: Any) -> dict[str, Any]:
+        """Add a Graph lead: graph_lead(id=..., form_id=..., field_data=[...])."""
+        return self._control("POST", "/graph/leads", lead)
+
+    def gmail_reply(self, thread_id: str, sender: str, text: str) -> dict[str, Any]:
+        """Make the lead reply in a Gmail thread; returns the message's id, threadId, labelIds."""
+        return self._control(
+            "POST", "/gmail/reply", {"thread_id": thread_id, "from": sender, "text": text}
+        )
+
+    def gmail_bounce(self, thread_id: str, recipient: str | None = None) -> dict[str, Any]:
+        """Record a mailer-daemon bounce in a Gmail thread."""
+        return self._control(
+            "POST", "/gmail/bounce", {"thread_id": thread_id, "recipient": recipient}
+        )
+
+    def pipedrive_change_deal(self, deal_id: int, **fields: Any) -> dict[str, Any]:
+        """Change a deal as a user in Pipedrive's UI would; webhooks say change_source app."""
+        return self._control("POST", f"/pipedrive/deals/{deal_id}", fields)
+
+    def pipedrive_deliveries(self) -> list[dict[str, Any]]:
+        """Return every Pipedrive webhook delivery attempt so far."""
+        result: list[dict[str, Any]] = self._control("GET", "/pipedrive/deliveries")
+        return result
 
     def _control(self, method: str, path: str, body: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None

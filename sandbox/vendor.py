@@ -20,6 +20,9 @@ class VendorStore(abc.ABC):
     def snapshot(self) -> dict[str, Any]:
         """Return a JSON-ready copy of everything the vendor holds."""
 
+    def close(self) -> None:
+        """Stop background work (webhook deliveries) when the store is replaced or shut down."""
+
 
 class VendorEmulator(abc.ABC):
     """One vendor: its URL prefix, blueprint, credentials and vendor-shaped answers."""
@@ -46,6 +49,10 @@ class VendorEmulator(abc.ABC):
     @abc.abstractmethod
     def error_response(self, status: int, message: str, path: str) -> Response:
         """Answer a routing error (404, 405) the way the vendor does."""
+
+    def control_blueprint(self) -> Blueprint | None:
+        """Return the vendor's own control routes (under /_sandbox/...), if it has any."""
+        return None
 
     def decorate(self, response: Response, path: str) -> Response:
         """Add headers the vendor puts on every answer."""

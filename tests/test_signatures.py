@@ -58,3 +58,9 @@ def test_hex_signature_round_trip_and_wrong_secret() -> None:
 
 def test_hex_rejects_a_base64_digest() -> None:
     assert not verify_hex_sha256(SECRET, BODY, sign_base64_sha256(SECRET, BODY))
+
+
+def test_non_ascii_header_is_a_mismatch_not_an_error() -> None:
+    assert not verify_base64_sha256(SECRET, BODY, "sha256=ééé")
+    assert not verify_hex_sha256(SECRET, BODY, "sha256=ééé")
+    assert not verify_hex_sha256(SECRET, BODY, "sha256=\udcff")

@@ -1,0 +1,38 @@
+"""Gunicorn settings of the web process (Procfile `web`); command-line flags win."""
+
+import os
+
+# The platform routes to $PORT; 8000 when run by hand.
+bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+# Heroku sets WEB_CONCURRENCY from the dyno size; Render leaves it to us.
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# Threads keep a slow client from holding a whole process; a receiver only verifies, stores
+# and enqueues, so a few threads per process are plenty.
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+
+# Heroku's router and Render's proxy give up on a request after 30 s: answer or fail before.
+timeout = 25
+# A deploy or restart sends SIGTERM; finish the requests in flight (Heroku kills at 30 s).
+graceful_timeout = 20
+# Connections stay open between the router and the dyno.
+keepalive = 5
+# Restart processes now and then so a slow leak never grows into an outage.
+max_requests = 2000
+max_requests_jitter = 200
+
+# The request line is logged as method and path only: %(U)s has no query string, and a
+# query string can carry a token (Pipedrive v1 takes api_token there). No referer either.
+accesslog = "-"
+access_log_format = (
+    'remote=%(h)s request="%(m)s %(U)s" status=%(s)s bytes=%(B)s ms=%(M)s '
+    'request_id=%({x-request-id}i)s agent="%(a)s"'
+)
+errorlog = "-"
+loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+
+# Off: create_app() is cheap and each process opens its own database and Redis pools, so
+# preloading saves nothing worth the fork-safety care it would need.
+preload_app = False
+# The platform's router is the only client; trust its X-Forwarded-* headers.
+forwarded_allow_ips = "*"
