@@ -59,7 +59,7 @@ def _http_error(exc: HTTPException) -> ResponseReturnValue:
 
 
 def _crash(exc: Exception) -> ResponseReturnValue:
-    logger.exception("unhandled error")
+    logger.error("unhandled error %s", logs.safe_traceback(exc))
     return jsonify(error="The server failed to handle this request; it has been logged."), 500
 
 

@@ -18,7 +18,11 @@ from core.config import _ENV_REF, ConfigError, Settings, load_settings
 # These must run before config.yaml can load: google-auth makes GOOGLE_REFRESH_TOKEN, and
 # check-config is how you find out what is wrong.
 SETUP_COMMANDS = (
-    "check-config", "google-auth", "docusign-consent", "register-webhooks", "simulate"
+    "check-config",
+    "google-auth",
+    "docusign-consent",
+    "register-webhooks",
+    "simulate",
 )
 
 GOOGLE_SCOPES = [
@@ -37,8 +41,12 @@ DOCUSIGN_SCOPES = "signature impersonation"
 
 # Source -> (route, secret variable, signature header, signer name in core.signatures).
 SIMULATED_SOURCES = {
-    "typeform": ("/webhooks/typeform", "TYPEFORM_WEBHOOK_SECRET", "Typeform-Signature",
-                 "sign_base64_sha256"),
+    "typeform": (
+        "/webhooks/typeform",
+        "TYPEFORM_WEBHOOK_SECRET",
+        "Typeform-Signature",
+        "sign_base64_sha256",
+    ),
     "form": ("/webhooks/form", "FORM_WEBHOOK_SECRET", "X-Signature", "sign_hex_sha256"),
 }
 
@@ -155,9 +163,14 @@ def _environment_findings() -> list[Finding]:
 
     database_url = os.environ.get("DATABASE_URL", "")
     if not database_url:
-        findings.append(Finding(
-            "DATABASE_URL", "not set: events go to a SQLite file under instance/, which "
-            "Heroku and Render wipe at every deploy", fatal=False))
+        findings.append(
+            Finding(
+                "DATABASE_URL",
+                "not set: events go to a SQLite file under instance/, which "
+                "Heroku and Render wipe at every deploy",
+                fatal=False,
+            )
+        )
     elif not database_url.startswith(("postgres://", "postgresql", "sqlite:")):
         findings.append(Finding("DATABASE_URL", "expected a postgres:// or sqlite:/// URL"))
 
@@ -229,9 +242,14 @@ def _rep_findings(pipedrive: Any, current: Settings) -> list[Finding]:
             continue
         if not user.get("active_flag"):
             # The rotation skips inactive users, so this is not fatal; it may well be wrong.
-            findings.append(Finding(
-                key, f"{rep.name} ({rep.pipedrive_user_id}) is not active in Pipedrive and "
-                "gets no leads", fatal=False))
+            findings.append(
+                Finding(
+                    key,
+                    f"{rep.name} ({rep.pipedrive_user_id}) is not active in Pipedrive and "
+                    "gets no leads",
+                    fatal=False,
+                )
+            )
     return findings
 
 
@@ -257,8 +275,9 @@ def check_config(online: bool) -> None:
     if online and current is not None and not any(f.fatal for f in findings):
         findings += online_findings(current)
     elif online:
-        findings.append(Finding("--online", "skipped until the problems above are fixed",
-                                fatal=False))
+        findings.append(
+            Finding("--online", "skipped until the problems above are fixed", fatal=False)
+        )
 
     for finding in findings:
         click.echo(finding.line())
@@ -288,10 +307,18 @@ def google_flow(client_id: str, client_secret: str) -> Any:
 
 
 @click.command("google-auth")
-@click.option("--client-id", envvar="GOOGLE_CLIENT_ID", required=True,
-              help="OAuth client of type Desktop app (default: $GOOGLE_CLIENT_ID).")
-@click.option("--client-secret", envvar="GOOGLE_CLIENT_SECRET", required=True,
-              help="Its secret (default: $GOOGLE_CLIENT_SECRET).")
+@click.option(
+    "--client-id",
+    envvar="GOOGLE_CLIENT_ID",
+    required=True,
+    help="OAuth client of type Desktop app (default: $GOOGLE_CLIENT_ID).",
+)
+@click.option(
+    "--client-secret",
+    envvar="GOOGLE_CLIENT_SECRET",
+    required=True,
+    help="Its secret (default: $GOOGLE_CLIENT_SECRET).",
+)
 @click.option("--port", default=0, show_default=True, help="Loopback port; 0 picks a free one.")
 @click.option("--no-browser", is_flag=True, help="Print the URL instead of opening a browser.")
 def google_auth(client_id: str, client_secret: str, port: int, no_browser: bool) -> None:
@@ -299,8 +326,11 @@ def google_auth(client_id: str, client_secret: str, port: int, no_browser: bool)
     flow = google_flow(client_id, client_secret)
     # offline + consent: Google hands out a refresh token only on a fresh consent.
     credentials = flow.run_local_server(
-        host="localhost", port=port, open_browser=not no_browser,
-        access_type="offline", prompt="consent",
+        host="localhost",
+        port=port,
+        open_browser=not no_browser,
+        access_type="offline",
+        prompt="consent",
     )
     if not credentials.refresh_token:
         raise click.ClickException("Google returned no refresh token; run the command again")
@@ -315,20 +345,35 @@ def docusign_consent_url(integration_key: str, redirect_uri: str, oauth_host: st
     """The individual-consent URL for the JWT grant (scopes signature and impersonation)."""
     host = oauth_host.removeprefix("https://").removeprefix("http://").rstrip("/")
     query = urlencode(
-        {"response_type": "code", "scope": DOCUSIGN_SCOPES, "client_id": integration_key,
-         "redirect_uri": redirect_uri},
+        {
+            "response_type": "code",
+            "scope": DOCUSIGN_SCOPES,
+            "client_id": integration_key,
+            "redirect_uri": redirect_uri,
+        },
         quote_via=quote,
     )
     return f"https://{host}/oauth/auth?{query}"
 
 
 @click.command("docusign-consent")
-@click.option("--integration-key", envvar="DOCUSIGN_INTEGRATION_KEY", required=True,
-              help="Default: $DOCUSIGN_INTEGRATION_KEY.")
-@click.option("--redirect-uri", default="http://localhost:8080/docusign/consent",
-              show_default=True, help="A redirect URI registered on the integration key.")
-@click.option("--production", is_flag=True,
-              help=f"Use {DOCUSIGN_PRODUCTION_HOST} when DOCUSIGN_OAUTH_HOST is unset.")
+@click.option(
+    "--integration-key",
+    envvar="DOCUSIGN_INTEGRATION_KEY",
+    required=True,
+    help="Default: $DOCUSIGN_INTEGRATION_KEY.",
+)
+@click.option(
+    "--redirect-uri",
+    default="http://localhost:8080/docusign/consent",
+    show_default=True,
+    help="A redirect URI registered on the integration key.",
+)
+@click.option(
+    "--production",
+    is_flag=True,
+    help=f"Use {DOCUSIGN_PRODUCTION_HOST} when DOCUSIGN_OAUTH_HOST is unset.",
+)
 def docusign_consent(integration_key: str, redirect_uri: str, production: bool) -> None:
     """Print the URL the impersonated DocuSign user opens once to grant consent."""
     default = DOCUSIGN_PRODUCTION_HOST if production else DOCUSIGN_DEMO_HOST
@@ -392,8 +437,10 @@ def simulate(source: str, file: Path, url: str, secret: str | None) -> None:
 
     # The file's own bytes: re-serialising would change what the signature covers.
     body = file.read_bytes()
-    headers = {header: getattr(signatures, signer)(secret, body),
-               "Content-Type": "application/json"}
+    headers = {
+        header: getattr(signatures, signer)(secret, body),
+        "Content-Type": "application/json",
+    }
     try:
         answer = requests.post(url.rstrip("/") + route, data=body, headers=headers, timeout=30)
     except requests.RequestException as exc:

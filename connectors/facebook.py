@@ -25,21 +25,32 @@ def _graph_error(response: requests.Response, what: str) -> VendorError:
     except ValueError:
         error = {}
     code, subcode = error.get("code"), error.get("error_subcode")
-    kwargs = {"status": response.status_code, "body": response.text,
-              "request_id": error.get("fbtrace_id")}
+    kwargs = {
+        "status": response.status_code,
+        "body": response.text,
+        "request_id": error.get("fbtrace_id"),
+    }
     if code == 190:
         return PermanentVendorError(
-            VENDOR, f"{what}: the page access token is invalid or expired (Graph code 190); "
-            "issue a new page token and set FACEBOOK_PAGE_ACCESS_TOKEN", **kwargs)
+            VENDOR,
+            f"{what}: the page access token is invalid or expired (Graph code 190); "
+            "issue a new page token and set FACEBOOK_PAGE_ACCESS_TOKEN",
+            **kwargs,
+        )
     if code == 100 and subcode == 33:
         return PermanentVendorError(
-            VENDOR, f"{what}: the lead cannot be read (Graph code 100/33): it does not exist "
-            "or the app lacks the leads_retrieval permission on this page", **kwargs)
+            VENDOR,
+            f"{what}: the lead cannot be read (Graph code 100/33): it does not exist "
+            "or the app lacks the leads_retrieval permission on this page",
+            **kwargs,
+        )
     if code in THROTTLING_CODES or response.status_code == 429 or response.status_code >= 500:
         return TransientVendorError(
-            VENDOR, f"{what}: Graph is throttling or failing (code {code})", **kwargs)
-    return PermanentVendorError(VENDOR, f"{what} answered {response.status_code} "
-                                f"(Graph code {code})", **kwargs)
+            VENDOR, f"{what}: Graph is throttling or failing (code {code})", **kwargs
+        )
+    return PermanentVendorError(
+        VENDOR, f"{what} answered {response.status_code} (Graph code {code})", **kwargs
+    )
 
 
 class GraphClient:
@@ -59,7 +70,8 @@ class GraphClient:
     def _get(self, path: str, params: dict[str, str], what: str) -> dict[str, Any]:
         try:
             response = self._http.get(
-                f"{self._base}/{path}", params={**params, "access_token": self._token, "appsecret_proof": self._proof},
+                f"{self._base}/{path}",
+                params={**params, "access_token": self._token, "appsecret_proof": self._proof},
                 timeout=self._timeout,
             )
         except requests.RequestException as exc:
@@ -75,5 +87,6 @@ class GraphClient:
         """GET /{leadgen_id}: the lead's field_data, form and ad."""
         return call_with_retry(
             lambda: self._get(leadgen_id, {"fields": LEAD_FIELDS}, "read lead"),
-            self._retry, what="read lead",
+            self._retry,
+            what="read lead",
         )

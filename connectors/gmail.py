@@ -3,7 +3,6 @@
 import base64
 import json
 import logging
-import socket
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate
@@ -54,10 +53,13 @@ def _classify(exc: Exception, what: str) -> VendorError:
         if status == 429 or status >= 500 or (status == 403 and _reasons(exc) & THROTTLE_REASONS):
             return TransientVendorError(VENDOR, f"{what} answered {status}", **kwargs)
         return PermanentVendorError(VENDOR, f"{what} answered {status}", **kwargs)
+    if isinstance(exc, RefreshError) and getattr(exc, "retryable", False):
+        return TransientVendorError(VENDOR, f"{what}: the token endpoint failed; will retry")
     if isinstance(exc, RefreshError):
         # invalid_grant stays until someone authorises the app again.
         return PermanentVendorError(
-            VENDOR, f"{what}: the Google refresh token was refused ({exc.args[0]}); "
+            VENDOR,
+            f"{what}: the Google refresh token was refused ({exc.args[0]}); "
             "run the OAuth consent again and set GOOGLE_REFRESH_TOKEN",
         )
     return TransientVendorError(VENDOR, f"{what}: {exc.__class__.__name__}")
@@ -108,7 +110,11 @@ class GmailClient:
         )
         options = {"api_endpoint": settings.api_base_url} if settings.api_base_url else None
         self._service = build(
-            "gmail", "v1", http=http, static_discovery=True, cache_discovery=False,
+            "gmail",
+            "v1",
+            http=http,
+            static_discovery=True,
+            cache_discovery=False,
             client_options=options,
         )
 
@@ -116,8 +122,13 @@ class GmailClient:
         def attempt() -> dict[str, Any]:
             try:
                 return request.execute(num_retries=0)
-            except (HttpError, RefreshError, TransportError, OSError, socket.timeout,
-                    httplib2.HttpLib2Error) as exc:
+            except (
+                HttpError,
+                RefreshError,
+                TransportError,
+                OSError,
+                httplib2.HttpLib2Error,
+            ) as exc:
                 raise _classify(exc, what) from exc
 
         return call_with_retry(attempt, self._retry, what=what)

@@ -35,10 +35,13 @@ def _retry_after(headers: Any) -> float | None:
 def _error_for(status: int, body: str, headers: Any, what: str) -> VendorError:
     request_id = headers.get("x-request-id") if headers is not None else None
     kwargs = {"status": status, "body": body, "request_id": request_id}
-    if status == 429 or status >= 500:
+    if status == 429:
         return TransientVendorError(
-            VENDOR, f"{what} answered {status}", retry_after=_retry_after(headers), **kwargs
+            VENDOR, f"{what} answered 429", retry_after=_retry_after(headers), **kwargs
         )
+    if status >= 500:
+        # Rate-limit headers ride on every answer; on a 5xx they say nothing about when.
+        return TransientVendorError(VENDOR, f"{what} answered {status}", **kwargs)
     return PermanentVendorError(VENDOR, f"{what} answered {status}", **kwargs)
 
 
@@ -50,7 +53,9 @@ class PipedriveClient:
         self._timeout = settings.timeout_s
         self._retry = retry
         self._http = requests.Session()
-        self._http.headers.update({"x-api-token": settings.api_token, "Accept": "application/json"})
+        self._http.headers.update(
+            {"x-api-token": settings.api_token, "Accept": "application/json"}
+        )
         # pipedrive-python-lib still serves the v1 endpoints (users, notes); it sends no
         # timeout of its own, so every call below passes one.
         self._v1 = pipedrive.client.Client(domain=self._base)
@@ -178,7 +183,9 @@ class PipedriveClient:
     def find_person_by_phone(self, phone: str, region: str) -> dict[str, Any] | None:
         """The person holding this E.164 number, however Pipedrive stores it."""
         for person in self._search("persons", phone, "phone"):
-            if any(normalise_phone(value, region) == phone for value in person.get("phones") or []):
+            if any(
+                normalise_phone(value, region) == phone for value in person.get("phones") or []
+            ):
                 return person
         return None
 

@@ -36,12 +36,16 @@ def call_with_retry(
             if attempt >= policy.attempts:
                 logger.warning("giving up what=%s attempts=%d error=%s", what, attempt, exc)
                 raise
-            delay = exc.retry_after if exc.retry_after is not None else backoff_delay(attempt, policy)
+            delay = (
+                exc.retry_after if exc.retry_after is not None else backoff_delay(attempt, policy)
+            )
             if delay > policy.max_delay_s:
                 # A long vendor wait (a daily budget spent) is the job queue's business,
                 # not a reason to hold a worker asleep.
                 logger.warning("wait too long what=%s delay=%.1fs error=%s", what, delay, exc)
                 raise
-            logger.info("retrying what=%s attempt=%d delay=%.2fs error=%s", what, attempt, delay, exc)
+            logger.info(
+                "retrying what=%s attempt=%d delay=%.2fs error=%s", what, attempt, delay, exc
+            )
             sleep(delay)
             attempt += 1

@@ -167,8 +167,9 @@ class Assigner:
     def _from_pool(self, name: str, pool: Pool, rule: str | None) -> Choice:
         # The turns are dealt among the reps who work right now, so the split stays exact
         # for them; a rep who is off does not make the next one take two turns.
-        weights = {k: w for k, w in pool.weights().items()
-                   if self._works_now(self._settings.rep(k))}
+        weights = {
+            k: w for k, w in pool.weights().items() if self._works_now(self._settings.rep(k))
+        }
         if not weights:
             return self._fallback(rule, name, f"nobody in pool {name} is working now")
         turns = weighted_schedule(tuple(weights.items()))

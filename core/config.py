@@ -10,6 +10,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 import yaml
+from jinja2 import TemplateSyntaxError
+from jinja2.sandbox import SandboxedEnvironment
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,7 +25,14 @@ from pydantic import (
 _ENV_REF = re.compile(r"\$\{([A-Z0-9_]+)(?::-([^}]*))?\}")
 
 LEAD_ATTRIBUTES = (
-    "name", "first_name", "last_name", "email", "phone", "company", "city", "country"
+    "name",
+    "first_name",
+    "last_name",
+    "email",
+    "phone",
+    "company",
+    "city",
+    "country",
 )
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _HOURS = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
@@ -61,6 +70,8 @@ def _hours(spec: str) -> tuple[time, time]:
 
 
 class Rep(_Strict):
+    """A sales rep: who they are in Pipedrive and when they take leads."""
+
     name: str
     email: str
     pipedrive_user_id: int
@@ -83,7 +94,9 @@ class Rep(_Strict):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"expected an IANA time zone such as Europe/Berlin, got {value!r}")
+            raise ValueError(
+                f"expected an IANA time zone such as Europe/Berlin, got {value!r}"
+            ) from None
         return value
 
     @field_validator("working_hours")
@@ -105,6 +118,8 @@ class Rep(_Strict):
 
 
 class Pool(_Strict):
+    """Reps who share leads by turns."""
+
     strategy: Literal["round_robin", "weighted"] = "round_robin"
     # A list of rep ids (round_robin) or rep id -> weight (weighted, e.g. 2:1:1).
     reps: list[str] | dict[str, int]
@@ -125,6 +140,8 @@ class Pool(_Strict):
 
 
 class Condition(_Strict):
+    """One test on a lead; every condition of a rule must hold."""
+
     # A path into the event: source, form_id, lead_source, country, answers.X, hidden.X, ...
     field: str
     equals: str | float | bool | None = None
@@ -135,6 +152,8 @@ class Condition(_Strict):
 
 
 class Rule(_Strict):
+    """Leads that match go to one rep or one pool."""
+
     name: str
     when: list[Condition] = Field(min_length=1)
     rep: str | None = None
@@ -148,6 +167,8 @@ class Rule(_Strict):
 
 
 class Assignment(_Strict):
+    """How new leads find their owner."""
+
     keep_existing_owner: bool = True
     default_pool: str = "everyone"
     pools: dict[str, Pool] = Field(default_factory=dict)
@@ -157,16 +178,22 @@ class Assignment(_Strict):
 
 
 class WebhookSettings(_Strict):
+    """A receiver's signing secret and body limit."""
+
     secret: str = Field(min_length=1)
     max_bytes: int = Field(default=1_048_576, gt=0)
 
 
 class Webhooks(_Strict):
+    """Settings of the signed JSON receivers."""
+
     typeform: WebhookSettings
     form: WebhookSettings
 
 
 class TypeformForm(_Strict):
+    """How one Typeform form's answers become a lead."""
+
     # Typeform answer ref -> lead attribute (name, email, phone, company, ...).
     fields: dict[str, str]
     lead_source: str = "Typeform"
@@ -179,6 +206,8 @@ class TypeformForm(_Strict):
 
 
 class WebsiteForm(_Strict):
+    """How the website backend's signed JSON becomes a lead."""
+
     # Key in the posted `fields` object -> lead attribute.
     fields: dict[str, str]
     lead_source: str = "Website"
@@ -191,6 +220,8 @@ class WebsiteForm(_Strict):
 
 
 class FacebookForm(_Strict):
+    """How one lead-ad form's fields become a lead."""
+
     # Lead-ad field name (a standard name or the question's own text) -> lead attribute.
     fields: dict[str, str] = Field(default_factory=dict)
     lead_source: str = "Facebook"
@@ -205,6 +236,8 @@ class FacebookForm(_Strict):
 
 
 class BrowserForm(_Strict):
+    """A contact form posted straight from visitors' browsers."""
+
     # Posted field name -> lead attribute.
     fields: dict[str, str]
     lead_source: str = "Website"
@@ -221,6 +254,8 @@ class BrowserForm(_Strict):
 
 
 class LeadSources(_Strict):
+    """Every source of leads the deployment accepts."""
+
     typeform: dict[str, TypeformForm] = Field(default_factory=dict)
     form: WebsiteForm | None = None
     # Facebook form id -> mapping; "default" serves forms not listed.
@@ -228,12 +263,27 @@ class LeadSources(_Strict):
     browser_forms: dict[str, BrowserForm] = Field(default_factory=dict)
 
 
+def _parses(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            SandboxedEnvironment().parse(value)
+        except TemplateSyntaxError as exc:
+            raise ValueError(f"the Jinja template does not parse: {exc.message}") from None
+    return value
+
+
 class WelcomeEmail(_Strict):
+    """The first email a lead gets, from the assigned rep."""
+
     template: str = "welcome"
     subject: str
 
+    _subject_parses = field_validator("subject")(_parses)
+
 
 class LeadCapture(_Strict):
+    """What the lead flow creates in Pipedrive and sends by Gmail."""
+
     sources: LeadSources
     pipeline: str
     stage: str
@@ -244,14 +294,20 @@ class LeadCapture(_Strict):
     custom_fields: dict[str, str] = Field(default_factory=dict)
     welcome_email: WelcomeEmail
 
+    _templates_parse = field_validator("deal_title", "deal_value")(_parses)
+
 
 class Pipedrive(_Strict):
+    """Pipedrive credentials and endpoint."""
+
     api_token: str = Field(min_length=1)
     base_url: str = "https://api.pipedrive.com"
     timeout_s: float = Field(default=10.0, gt=0)
 
 
 class Google(_Strict):
+    """Google OAuth credentials and endpoints of the sending mailbox."""
+
     client_id: str = Field(min_length=1)
     client_secret: str = Field(min_length=1)
     refresh_token: str = Field(min_length=1)
@@ -263,12 +319,16 @@ class Google(_Strict):
 
 
 class Retry(_Strict):
+    """The shared retry policy for vendor calls."""
+
     attempts: int = Field(default=5, ge=1)
     base_delay_s: float = Field(default=0.5, gt=0)
     max_delay_s: float = Field(default=30.0, gt=0)
 
 
 class Facebook(_Strict):
+    """The Meta app, its page token and the Graph endpoint."""
+
     app_secret: str = Field(min_length=1)
     verify_token: str = Field(min_length=1)
     page_access_token: str = Field(min_length=1)
@@ -279,6 +339,8 @@ class Facebook(_Strict):
 
 
 class Settings(_Strict):
+    """The whole of config.yaml."""
+
     company_name: str
     default_region: str = "US"
     retry: Retry = Retry()
@@ -344,7 +406,9 @@ def _check_attributes(mapping: dict[str, str]) -> dict[str, str]:
 def expand_env(value: Any, environ: dict[str, str], path: str = "") -> Any:
     """Replace ${VAR} and ${VAR:-default} in every string of a parsed YAML tree."""
     if isinstance(value, dict):
-        return {k: expand_env(v, environ, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        return {
+            k: expand_env(v, environ, f"{path}.{k}" if path else str(k)) for k, v in value.items()
+        }
     if isinstance(value, list):
         return [expand_env(v, environ, f"{path}[{i}]") for i, v in enumerate(value)]
     if not isinstance(value, str):
@@ -371,7 +435,9 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def load_settings(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+def load_settings(
+    path: str | Path | None = None, environ: dict[str, str] | None = None
+) -> Settings:
     """Read, expand and validate the config file; raise ConfigError with the bad key."""
     path = Path(path or os.environ.get("CONFIG_PATH", "config.yaml"))
     environ = dict(os.environ if environ is None else environ)

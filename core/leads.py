@@ -175,7 +175,8 @@ def typeform_form_id(payload: Any) -> tuple[str, str]:
 def lead_from_typeform(payload: dict[str, Any], form: TypeformForm, region: str) -> LeadEvent:
     """Map a Typeform form_response to a lead through the form's field refs."""
     response = payload["form_response"]
-    answers = response.get("answers") or []
+    # Typeform leaves answers out when none were given.
+    answers = response.get("answers", [])
     if not isinstance(answers, list):
         raise MalformedPayload("form_response.answers must be a list when present.")
 

@@ -2,6 +2,7 @@
 
 import logging
 import sys
+import traceback
 
 
 def configure(level: str = "INFO") -> None:
@@ -19,3 +20,12 @@ def configure(level: str = "INFO") -> None:
     # Library chatter would log full URLs, and URLs carry query-string tokens (Pipedrive v1).
     for noisy in ("urllib3", "googleapiclient.discovery", "werkzeug"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def safe_traceback(exc: BaseException) -> str:
+    """The exception's class and frames without its message, which can quote personal data."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = " <- ".join(
+        f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(frames[-6:])
+    )
+    return f"{exc.__class__.__name__} at {where}" if where else exc.__class__.__name__

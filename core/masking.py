@@ -2,7 +2,16 @@
 
 from typing import Any
 
-_PERSONAL_KEYS = {"name", "first_name", "last_name", "email", "phone", "phone_as_typed", "company"}
+_PERSONAL_KEYS = {
+    "name",
+    "first_name",
+    "last_name",
+    "email",
+    "phone",
+    "phone_as_typed",
+    "company",
+    "city",
+}
 
 
 def mask_email(value: str) -> str:
@@ -32,12 +41,19 @@ def mask_value(key: str, value: Any) -> Any:
     return mask_text(value)
 
 
+def _shape(value: Any) -> Any:
+    # Answers and hidden fields can hold anything a person typed (or a prefilled email):
+    # keep only their shape.
+    if isinstance(value, str):
+        return f"<{len(value)} characters>"
+    if isinstance(value, list):
+        return f"<{len(value)} items>"
+    return value
+
+
 def mask_lead(lead: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a stored lead with names, email, phone and free-text answers masked."""
+    """A copy of a stored lead with names, contacts, answers and hidden fields masked."""
     masked = {key: mask_value(key, value) for key, value in lead.items()}
-    # Free-text answers can hold anything a person typed: keep only their length.
-    masked["answers"] = {
-        key: (f"<{len(value)} characters>" if isinstance(value, str) else value)
-        for key, value in (lead.get("answers") or {}).items()
-    }
+    for part in ("answers", "hidden"):
+        masked[part] = {key: _shape(value) for key, value in (lead.get(part) or {}).items()}
     return masked

@@ -1,4 +1,4 @@
-"""Prometheus series; speed to lead is counted in Redis so every worker's lead shows on /metrics."""
+"""Prometheus series; speed to lead is counted in Redis, so every worker's leads show."""
 
 import logging
 from collections.abc import Iterator
@@ -13,12 +13,15 @@ from core import queue
 logger = logging.getLogger(__name__)
 
 WEBHOOKS = Counter(
-    "salesflow_webhooks_total", "Webhook deliveries answered, by source and outcome.",
+    "salesflow_webhooks_total",
+    "Webhook deliveries answered, by source and outcome.",
     ["source", "status"],
 )
 ACK_SECONDS = Histogram(
-    "salesflow_webhook_ack_seconds", "Time from request start to the answer, by source.",
-    ["source"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    "salesflow_webhook_ack_seconds",
+    "Time from request start to the answer, by source.",
+    ["source"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 ENQUEUE_FAILURES = Counter(
     "salesflow_enqueue_failures_total", "Stored events that could not be queued at once."
@@ -43,8 +46,9 @@ def observe_speed_to_lead(source: str, seconds: float) -> None:
         pipe.sadd(_SPEED_SOURCES, source)
         pipe.execute()
     except redis.RedisError as exc:
-        logger.warning("speed to lead not counted source=%s error=%s", source,
-                       exc.__class__.__name__)
+        logger.warning(
+            "speed to lead not counted source=%s error=%s", source, exc.__class__.__name__
+        )
 
 
 class SpeedToLeadCollector(Collector):
@@ -60,8 +64,10 @@ class SpeedToLeadCollector(Collector):
         try:
             connection = queue.connection()
             for source in sorted(s.decode() for s in connection.smembers(_SPEED_SOURCES)):
-                counts = {k.decode(): v.decode() for k, v in
-                          connection.hgetall(_SPEED_KEY + source).items()}
+                counts = {
+                    k.decode(): v.decode()
+                    for k, v in connection.hgetall(_SPEED_KEY + source).items()
+                }
                 buckets = [(str(b), float(counts.get(str(b), 0))) for b in SPEED_BUCKETS]
                 buckets.append(("+Inf", float(counts.get("+Inf", 0))))
                 family.add_metric([source], buckets, float(counts.get("sum", 0)))

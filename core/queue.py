@@ -26,15 +26,22 @@ def redis_url() -> str:
     """REDIS_URL; the demo and the tests set it to an embedded server when it is unset."""
     url = os.environ.get("REDIS_URL", "")
     if not url:
-        raise RuntimeError("REDIS_URL is not set; start Redis or use scripts/demo.sh")
+        raise RuntimeError(
+            "REDIS_URL is not set; start Redis, or run bin/demo for an embedded one"
+        )
     return url
 
 
 @functools.cache
 def connection() -> redis.Redis:
     """The process-wide Redis connection, with short timeouts so an outage fails fast."""
+    url = redis_url()
+    options: dict[str, Any] = {}
+    if url.startswith("rediss://"):
+        # Heroku Key-Value Store serves TLS with a self-signed certificate.
+        options["ssl_cert_reqs"] = "none"
     return redis.Redis.from_url(
-        redis_url(), socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
+        url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30, **options
     )
 
 

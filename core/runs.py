@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from connectors.errors import FlowAbort, VendorError
+from core.logs import safe_traceback
 from core.store import Event, FlowRun, SideEffect, Step, as_utc, session, utcnow
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,10 @@ class RunContext:
             _finish_step(step.id, "failed", None, _describe(exc))
             logger.info(
                 "step failed event_id=%s flow=%s step=%s error=%s",
-                self.event_id, self.flow, name, exc.__class__.__name__,
+                self.event_id,
+                self.flow,
+                name,
+                exc.__class__.__name__,
             )
             raise
 
@@ -178,7 +182,9 @@ def execute(
         _finish(ctx, "failed", _describe(exc))
         return "failed"
     except Exception as exc:
-        logger.exception("run crashed event_id=%s flow=%s", event_id, flow)
+        logger.error(
+            "run crashed event_id=%s flow=%s error=%s", event_id, flow, safe_traceback(exc)
+        )
         _finish(ctx, "failed", f"internal error: {exc.__class__.__name__}")
         return "failed"
 

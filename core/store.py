@@ -21,7 +21,14 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 
 INSTANCE_DIR = Path(__file__).resolve().parent.parent / "instance"
 
@@ -151,10 +158,13 @@ def engine() -> Engine:
     """The process-wide engine for DATABASE_URL."""
     url = database_url()
     if url.startswith("sqlite"):
-        created = create_engine(url, connect_args={"timeout": 10})
+        created = create_engine(url, connect_args={"timeout": 10}, hide_parameters=True)
         event.listen(created, "connect", _tune_sqlite)
         return created
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # hide_parameters: an error message must not carry a lead's email into the logs.
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=5, max_overflow=5, hide_parameters=True
+    )
 
 
 @functools.cache

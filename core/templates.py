@@ -4,7 +4,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from jinja2 import FileSystemLoader, StrictUndefined, select_autoescape
+from jinja2 import FileSystemLoader, select_autoescape
 from jinja2.sandbox import SandboxedEnvironment
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -39,6 +39,3 @@ def render_string(source: str, context: dict[str, Any]) -> str:
 def check_template(source: str) -> None:
     """Raise jinja2.TemplateSyntaxError when a config template does not parse."""
     _strings().parse(source)
-
-
-__all__ = ["StrictUndefined", "check_template", "render_file", "render_string"]

@@ -5,13 +5,12 @@ from typing import Any
 
 from rq.worker import Worker
 
-from core import logs
-from core.config import settings
-from core.recovery import requeue_stranded
-
 # Imported here so that each forked work-horse inherits the flow modules instead of
 # importing them again for every job.
 import flows.dispatch  # noqa: E402,F401
+from core import logs
+from core.config import settings
+from core.recovery import requeue_stranded
 
 logger = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ from markupsafe import escape
 from connectors import registry
 from connectors.errors import FlowAbort
 from connectors.gmail import build_message
+from core import metrics
 from core.assignment import Assigner, lookup
 from core.config import Rep, Settings, settings
 from core.leads import Lead, LeadEvent, MalformedPayload, email_key, lead_from_graph
 from core.runs import Result, RunContext, execute
-from core import metrics
 from core.store import Event, as_utc, session, utcnow
 from core.templates import render_file, render_string
 
@@ -42,15 +42,11 @@ def _capture(ctx: RunContext, event: Event) -> None:
     assigned = ctx.step("assign_owner", lambda: _assign(ctx, lead_event, person, current))
 
     if person["person_id"] is None:
-        person = ctx.step(
-            "create_person", lambda: _create_person(ctx, lead, assigned["owner_id"])
-        )
+        person = ctx.step("create_person", lambda: _create_person(ctx, lead, assigned["owner_id"]))
 
     owner = _owner(assigned["owner_id"], current)
     context = {"lead": lead, "rep": owner, "company_name": current.company_name}
-    deal = ctx.step(
-        "create_deal", lambda: _deal(ctx, lead_event, person, owner, context, current)
-    )
+    deal = ctx.step("create_deal", lambda: _deal(ctx, lead_event, person, owner, context, current))
 
     ctx.step("add_note", lambda: _note(ctx, lead_event, deal["deal_id"]))
 
@@ -193,8 +189,9 @@ def _custom_fields(lead_event: LeadEvent, current: Settings) -> dict[str, Any]:
     for name, path in current.lead_capture.custom_fields.items():
         field = fields.get(name)
         if field is None:
-            raise FlowAbort(f"lead_capture.custom_fields names {name!r}, a deal field "
-                            "Pipedrive does not have")
+            raise FlowAbort(
+                f"lead_capture.custom_fields names {name!r}, a deal field Pipedrive does not have"
+            )
         raw = lookup(path, lead_event)
         if raw in (None, "", []):
             continue
@@ -253,8 +250,11 @@ def _deal(
 
 def _note_html(lead_event: LeadEvent, event_id: str) -> str:
     lead = lead_event.lead
-    lines = [f"<p><b>New lead from {escape(lead_event.lead_source)}</b> "
-             f"(form {escape(lead_event.form_id)})</p>", "<ul>"]
+    lines = [
+        f"<p><b>New lead from {escape(lead_event.lead_source)}</b> "
+        f"(form {escape(lead_event.form_id)})</p>",
+        "<ul>",
+    ]
     for key, value in lead.answers.items():
         shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
         lines.append(f"<li>{escape(key)}: {escape(shown)}</li>")
@@ -275,7 +275,9 @@ def _note(ctx: RunContext, lead_event: LeadEvent, deal_id: int) -> Result:
 
     return ctx.once(
         f"note:{ctx.event_id}",
-        lambda: {"note_id": pipedrive.add_note(deal_id, _note_html(lead_event, ctx.event_id))["id"]},
+        lambda: {
+            "note_id": pipedrive.add_note(deal_id, _note_html(lead_event, ctx.event_id))["id"]
+        },
         recover,
     )
 
@@ -306,8 +308,11 @@ def _welcome(
         # Speed to lead: from the webhook's arrival to Gmail accepting the welcome email.
         seconds = (utcnow() - as_utc(event.received_at)).total_seconds()
         metrics.observe_speed_to_lead(event.source, seconds)
-        return {"message_id": sent["id"], "thread_id": sent.get("threadId"),
-                "speed_to_lead_ms": round(seconds * 1000)}
+        return {
+            "message_id": sent["id"],
+            "thread_id": sent.get("threadId"),
+            "speed_to_lead_ms": round(seconds * 1000),
+        }
 
     def recover() -> Result | None:
         found = gmail.find_by_message_id(message_id)

@@ -68,8 +68,7 @@ def browser_form(form_key: str) -> ResponseReturnValue:
     try:
         validate_email(event.lead.email, check_deliverability=False)
     except EmailNotValidError as exc:
-        return reject(SOURCE, 400, f"The email address is not valid: {exc}",
-                      log_as="the email address is not valid")
+        return reject(SOURCE, 400, f"The email address is not valid: {exc}")
 
     event_id, status = store_event(SOURCE, event, body)
     if _wants_json():

@@ -1,5 +1,7 @@
 """What every receiver shares: size limits, the store-then-enqueue step and the answers."""
 
+import hashlib
+import io
 import json
 import logging
 import time
@@ -22,15 +24,35 @@ logger = logging.getLogger(__name__)
 def read_body(req: Request, max_bytes: int) -> bytes:
     """The raw body, refusing more than the route's limit with a 413."""
     g.started = time.perf_counter()
+    if req.content_length is not None and req.content_length > max_bytes:
+        abort(413, f"The body is larger than this route's limit of {max_bytes} bytes.")
+    if req.content_length is None and req.environ.get("wsgi.input_terminated"):
+        # Chunked: werkzeug would stop at the limit without a word; read one byte past it.
+        body = req.environ["wsgi.input"].read(max_bytes + 1)
+        if len(body) > max_bytes:
+            abort(413, f"The body is larger than this route's limit of {max_bytes} bytes.")
+        req.environ["wsgi.input"] = io.BytesIO(body)
+        req.environ["CONTENT_LENGTH"] = str(len(body))
     req.max_content_length = max_bytes
+    # Cached: request.form, where a route wants it, is parsed from these same bytes.
     return req.get_data(cache=True)
+
+
+def _no_constants(name: str) -> Any:
+    raise MalformedPayload(f"The body uses {name}, which JSON does not allow.")
 
 
 def parse_json(body: bytes) -> Any:
     """The parsed body, or MalformedPayload with a sentence for the 400."""
     try:
         # RFC 8259: JSON between systems is UTF-8 (json.loads on bytes would guess UTF-16).
-        return json.loads(body.decode("utf-8"))
+        payload = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
+        if b"\\u" in body or b"\\U" in body:
+            # A \ud800 escape parses into a lone surrogate that no database can store.
+            json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        return payload
+    except UnicodeEncodeError:
+        raise MalformedPayload("The body escapes a lone UTF-16 surrogate.") from None
     except UnicodeDecodeError:
         raise MalformedPayload("The body is not UTF-8 text.") from None
     except ValueError:
@@ -48,25 +70,40 @@ def describe(exc: MalformedPayload | ValidationError) -> str:
     return str(exc)
 
 
-def reject(
-    source: str, status: int, sentence: str, *, log_as: str | None = None
-) -> ResponseReturnValue:
+def reject(source: str, status: int, sentence: str) -> ResponseReturnValue:
     """A 4xx with a sentence saying what is wrong; nothing is stored or queued."""
     metrics.WEBHOOKS.labels(source, str(status)).inc()
-    # log_as replaces a sentence that quotes what the sender typed.
-    logger.info("webhook rejected source=%s status=%d reason=%s", source, status,
-                log_as or sentence)
+    # The sentence can quote what the sender typed (a field name, an address): only the
+    # status is logged.
+    logger.info("webhook rejected source=%s status=%d", source, status)
     return jsonify(error=sentence), status
 
 
-def _store(source: str, kind: str, dedup_key: str, data: dict[str, Any], raw: bytes,
-           status: str, reason: str | None) -> tuple[str, bool]:
+def _store(
+    source: str,
+    kind: str,
+    dedup_key: str,
+    data: dict[str, Any],
+    raw: bytes,
+    status: str,
+    reason: str | None,
+) -> tuple[str, bool]:
     """Insert the event; on a repeat delivery return the stored id and False."""
+    # Senders choose the ids inside these: keep them within the columns, whatever they send.
+    if len(dedup_key) > 200:
+        dedup_key = f"{source}:sha256:{hashlib.sha256(dedup_key.encode()).hexdigest()}"
+    kind = kind[:64]
+    reason = reason[:500] if reason else reason
     try:
         with session() as db:
             event = Event(
-                source=source, type=kind, dedup_key=dedup_key, status=status, reason=reason,
-                data=data, payload=raw.decode("utf-8", "replace"),
+                source=source,
+                type=kind,
+                dedup_key=dedup_key,
+                status=status,
+                reason=reason,
+                data=data,
+                payload=raw.decode("utf-8", "replace"),
             )
             db.add(event)
         return event.id, True
@@ -87,14 +124,25 @@ def enqueue(source: str, event_id: str) -> None:
         queue.enqueue_event(event_id)
     except redis.RedisError as exc:
         metrics.ENQUEUE_FAILURES.inc()
-        logger.warning("enqueue failed source=%s event_id=%s error=%s",
-                       source, event_id, exc.__class__.__name__)
+        logger.warning(
+            "enqueue failed source=%s event_id=%s error=%s",
+            source,
+            event_id,
+            exc.__class__.__name__,
+        )
         return
     logger.info("event queued source=%s event_id=%s", source, event_id)
 
 
-def store_event(source: str, event: LeadEvent | None, raw: bytes, *, kind: str = "",
-                dedup_key: str = "", ignore_reason: str | None = None) -> tuple[str, str]:
+def store_event(
+    source: str,
+    event: LeadEvent | None,
+    raw: bytes,
+    *,
+    kind: str = "",
+    dedup_key: str = "",
+    ignore_reason: str | None = None,
+) -> tuple[str, str]:
     """Store one event before answering and queue it unless ignored: (event id, status)."""
     if event is not None:
         kind, dedup_key = event.type, event.dedup_key
@@ -105,17 +153,25 @@ def store_event(source: str, event: LeadEvent | None, raw: bytes, *, kind: str =
         logger.info("duplicate delivery source=%s event_id=%s", source, event_id)
         return event_id, "duplicate"
     if ignore_reason:
-        logger.info("event ignored source=%s event_id=%s reason=%s", source, event_id, ignore_reason)
+        logger.info("event ignored source=%s event_id=%s", source, event_id)
         return event_id, "ignored"
     enqueue(source, event_id)
     return event_id, "queued"
 
 
-def accept(source: str, event: LeadEvent | None, raw: bytes, *, kind: str = "",
-           dedup_key: str = "", ignore_reason: str | None = None) -> ResponseReturnValue:
+def accept(
+    source: str,
+    event: LeadEvent | None,
+    raw: bytes,
+    *,
+    kind: str = "",
+    dedup_key: str = "",
+    ignore_reason: str | None = None,
+) -> ResponseReturnValue:
     """Store, queue and answer one event as the contract says."""
-    event_id, status = store_event(source, event, raw, kind=kind, dedup_key=dedup_key,
-                                   ignore_reason=ignore_reason)
+    event_id, status = store_event(
+        source, event, raw, kind=kind, dedup_key=dedup_key, ignore_reason=ignore_reason
+    )
     return answer(source, event_id, status)
 
 

@@ -30,8 +30,10 @@ def facebook_verify() -> ResponseReturnValue:
     token = request.args.get("hub.verify_token", "")
     challenge = request.args.get("hub.challenge", "")
 
-    if mode == "subscribe" and challenge and hmac.compare_digest(
-        token.encode(), config.verify_token.encode()
+    if (
+        mode == "subscribe"
+        and challenge
+        and hmac.compare_digest(token.encode(), config.verify_token.encode())
     ):
         return challenge, 200, {"Content-Type": "text/plain; charset=utf-8"}
     return reject(SOURCE, 403, "The verification request does not carry our verify token.")
@@ -55,18 +57,30 @@ def facebook_leads() -> ResponseReturnValue:
 
     if not changes:
         digest = hashlib.sha256(body).hexdigest()
-        return accept(SOURCE, None, body, kind="page", dedup_key=f"facebook:page:{digest}",
-                      ignore_reason="the notification has no leadgen change")
+        return accept(
+            SOURCE,
+            None,
+            body,
+            kind="page",
+            dedup_key=f"facebook:page:{digest}",
+            ignore_reason="the notification has no leadgen change",
+        )
 
     forms = settings().lead_capture.sources.facebook
     results = []
     for change in changes:
         form = forms.get(change["form_id"]) or forms.get("default")
         if form is None:
-            results.append(store_event(
-                SOURCE, None, body, kind="leadgen", dedup_key=f"facebook:{change['leadgen_id']}",
-                ignore_reason=f"no flow acts on leads of form {change['form_id']}",
-            ))
+            results.append(
+                store_event(
+                    SOURCE,
+                    None,
+                    body,
+                    kind="leadgen",
+                    dedup_key=f"facebook:{change['leadgen_id']}",
+                    ignore_reason=f"no flow acts on leads of form {change['form_id']}",
+                )
+            )
         else:
             results.append(store_event(SOURCE, facebook_event(change, form), body))
 

@@ -30,8 +30,14 @@ def website_form() -> ResponseReturnValue:
         payload = parse_json(body)
         if form is None:
             digest = hashlib.sha256(body).hexdigest()
-            return accept(SOURCE, None, body, kind="lead", dedup_key=f"form:unconfigured:{digest}",
-                          ignore_reason="no website form is configured")
+            return accept(
+                SOURCE,
+                None,
+                body,
+                kind="lead",
+                dedup_key=f"form:unconfigured:{digest}",
+                ignore_reason="no website form is configured",
+            )
         event = lead_from_form(payload, body, form, config.default_region)
     except (MalformedPayload, ValidationError) as exc:
         return reject(SOURCE, 400, describe(exc))

@@ -33,8 +33,14 @@ def typeform() -> ResponseReturnValue:
     if event_type != "form_response" or form is None:
         token = payload["form_response"]["token"]
         reason = f"no flow acts on {event_type} events of form {form_id}"
-        return accept(SOURCE, None, body, kind=event_type,
-                      dedup_key=f"typeform:{form_id}:{token}", ignore_reason=reason)
+        return accept(
+            SOURCE,
+            None,
+            body,
+            kind=event_type,
+            dedup_key=f"typeform:{form_id}:{token}",
+            ignore_reason=reason,
+        )
 
     try:
         event = lead_from_typeform(payload, form, config.default_region)
@@ -43,4 +49,3 @@ def typeform() -> ResponseReturnValue:
 
     reason = None if event.lead.email else "the submission has no email address"
     return accept(SOURCE, event, body, ignore_reason=reason)
-

@@ -789,9 +789,7 @@ def _inbound(tail: dict[str, Any], sender: str, subject: str) -> email.message.E
     last_id = tail["headers"]["Message-ID"]
     if last_id:
         message["In-Reply-To"] = last_id
-        message["References"] = " ".join(
-            filter(None, [tail["headers"]["References"], last_id])
-        )
+        message["References"] = " ".join(filter(None, [tail["headers"]["References"], last_id]))
     return message
 
 

@@ -20,7 +20,7 @@ class VendorStore(abc.ABC):
     def snapshot(self) -> dict[str, Any]:
         """Return a JSON-ready copy of everything the vendor holds."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most stores have nothing to stop
         """Stop background work (webhook deliveries) when the store is replaced or shut down."""
 
 

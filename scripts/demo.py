@@ -121,16 +121,25 @@ def outcome(web: str, sandbox: str, accepted: dict[str, Any], token: str) -> dic
     headers = {"Authorization": f"Bearer {token}"}
 
     def finished() -> dict[str, Any] | None:
-        event = requests.get(f"{web}/api/events/{accepted['event_id']}", headers=headers,
-                             timeout=5).json()
+        event = requests.get(
+            f"{web}/api/events/{accepted['event_id']}", headers=headers, timeout=5
+        ).json()
         return event if event["status"] in ("succeeded", "failed", "ignored") else None
 
     event = wait_until(finished, f"event {accepted['event_id']} finishing")
-    steps = {step["name"]: step for run in event["runs"] for step in run["steps"]
-             if step["status"] == "succeeded"}
+    steps = {
+        step["name"]: step
+        for run in event["runs"]
+        for step in run["steps"]
+        if step["status"] == "succeeded"
+    }
     state = requests.get(f"{sandbox}/_sandbox/state", timeout=5).json()
-    result: dict[str, Any] = {"event_id": event["id"], "source": event["source"],
-                              "status": event["status"], "reason": event["reason"]}
+    result: dict[str, Any] = {
+        "event_id": event["id"],
+        "source": event["source"],
+        "status": event["status"],
+        "reason": event["reason"],
+    }
     if event["status"] != "succeeded":
         return result
 
@@ -154,8 +163,12 @@ def counts(sandbox: str) -> dict[str, int]:
     """How many persons, deals, notes and emails the emulators hold."""
     state = requests.get(f"{sandbox}/_sandbox/state", timeout=5).json()
     pipedrive = state["pipedrive"]
-    return {"persons": len(pipedrive["persons"]), "deals": len(pipedrive["deals"]),
-            "notes": len(pipedrive["notes"]), "emails": len(state["google"]["gmail"]["messages"])}
+    return {
+        "persons": len(pipedrive["persons"]),
+        "deals": len(pipedrive["deals"]),
+        "notes": len(pipedrive["notes"]),
+        "emails": len(state["google"]["gmail"]["messages"]),
+    }
 
 
 def show(report: dict[str, Any]) -> None:
@@ -174,8 +187,10 @@ def show(report: dict[str, Any]) -> None:
         print(f"    webhook to email sent: {lead['webhook_to_email_ms']} ms")
     print(f"\nRepeat delivery answered: {report['repeat_delivery']['status']}")
     before, after = report["emulator_counts_before"], report["emulator_counts_after"]
-    print("Emulator totals (before -> after): "
-          + ", ".join(f"{key} {before[key]} -> {after[key]}" for key in after))
+    print(
+        "Emulator totals (before -> after): "
+        + ", ".join(f"{key} {before[key]} -> {after[key]}" for key in after)
+    )
     print(f"Report written to {REPORT.relative_to(ROOT)}")
 
 
@@ -185,13 +200,42 @@ def main() -> int:
     with ExitStack() as stack:
         env = prepare_environment(stack)
         sandbox = start_sandbox(stack, env)
-        subprocess.run([str(BIN / "alembic"), "upgrade", "head"], cwd=ROOT, env=env, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [str(BIN / "alembic"), "upgrade", "head"],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         web = f"http://127.0.0.1:{free_port()}"
-        start(stack, "web", [str(BIN / "gunicorn"), "--bind", web.removeprefix("http://"),
-                             "--workers", "2", "app:create_app()"], env)
-        start(stack, "worker", [str(BIN / "rq"), "worker", "--with-scheduler", "--worker-class",
-                                "core.worker.FlowWorker", "--url", env["REDIS_URL"], "flows"], env)
+        start(
+            stack,
+            "web",
+            [
+                str(BIN / "gunicorn"),
+                "--bind",
+                web.removeprefix("http://"),
+                "--workers",
+                "2",
+                "app:create_app()",
+            ],
+            env,
+        )
+        start(
+            stack,
+            "worker",
+            [
+                str(BIN / "rq"),
+                "worker",
+                "--with-scheduler",
+                "--worker-class",
+                "core.worker.FlowWorker",
+                "--url",
+                env["REDIS_URL"],
+                "flows",
+            ],
+            env,
+        )
         wait_until(lambda: requests.get(f"{web}/healthz", timeout=1).ok, "the web start")
         print(f"web {web}, emulators {sandbox}, logs in instance/*.log")
 
@@ -200,14 +244,21 @@ def main() -> int:
         leads = [outcome(web, sandbox, item, env["ADMIN_TOKEN"]) for item in accepted]
         repeat = post(web, *SAMPLES[0], env)
         time.sleep(1.0)  # give a wrongly queued repeat the time to show up in the counts
-        report = {"leads": leads, "acks": accepted, "repeat_delivery": repeat,
-                  "emulator_counts_before": before, "emulator_counts_after": counts(sandbox)}
+        report = {
+            "leads": leads,
+            "acks": accepted,
+            "repeat_delivery": repeat,
+            "emulator_counts_before": before,
+            "emulator_counts_after": counts(sandbox),
+        }
 
     REPORT.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     show(report)
     ok = all(lead["status"] == "succeeded" for lead in leads)
     after, before = report["emulator_counts_after"], report["emulator_counts_before"]
-    ok = ok and after["deals"] - before["deals"] == len(leads) == after["emails"] - before["emails"]
+    ok = (
+        ok and after["deals"] - before["deals"] == len(leads) == after["emails"] - before["emails"]
+    )
     ok = ok and repeat["status"] == "duplicate"
     print("demo: OK" if ok else "demo: FAILED (see instance/*.log)")
     return 0 if ok else 1

@@ -63,8 +63,13 @@ def sandbox() -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def environment(redis_url: str, database_url: str, sandbox: Any) -> Iterator[dict[str, str]]:
     """The process environment the product reads, pointed at the test services."""
-    values = {**SECRETS, **sandbox.env(), "REDIS_URL": redis_url, "DATABASE_URL": database_url,
-              "CONFIG_PATH": str(ROOT / "config.yaml")}
+    values = {
+        **SECRETS,
+        **sandbox.env(),
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": database_url,
+        "CONFIG_PATH": str(ROOT / "config.yaml"),
+    }
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
 
@@ -137,8 +142,10 @@ def typeform_headers(body: bytes, secret: str = SECRETS["TYPEFORM_WEBHOOK_SECRET
     """Headers Typeform sends with a signed delivery."""
     from core.signatures import sign_base64_sha256
 
-    return {"Typeform-Signature": sign_base64_sha256(secret, body),
-            "Content-Type": "application/json"}
+    return {
+        "Typeform-Signature": sign_base64_sha256(secret, body),
+        "Content-Type": "application/json",
+    }
 
 
 def form_headers(body: bytes, secret: str = SECRETS["FORM_WEBHOOK_SECRET"]) -> dict:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from core.assignment import Assigner, is_available, weighted_schedule
 from core.config import Rep, Settings, load_settings
@@ -29,8 +30,13 @@ def make_settings(environment: dict[str, str], **overrides: Any) -> Settings:
 def lead_event(**lead: Any) -> LeadEvent:
     answers = lead.pop("answers", {})
     hidden = lead.pop("hidden", {})
-    return LeadEvent(source="typeform", dedup_key="k", form_id="Xq7RkP2d",
-                     lead_source="Typeform", lead=Lead(answers=answers, hidden=hidden, **lead))
+    return LeadEvent(
+        source="typeform",
+        dedup_key="k",
+        form_id="Xq7RkP2d",
+        lead_source="Typeform",
+        lead=Lead(answers=answers, hidden=hidden, **lead),
+    )
 
 
 @given(st.dictionaries(st.sampled_from("abcdefg"), st.integers(1, 9), min_size=1))
@@ -118,20 +124,28 @@ def test_rule_sends_large_budgets_to_the_weighted_senior_pool(clean, environment
     [
         ({"field": "country", "equals": "GE"}, {"phone": "+995599123456"}, True),
         ({"field": "country", "equals": "GE"}, {"phone": "+385912345678"}, False),
-        ({"field": "hidden.utm_source", "any_of": ["facebook", "ig"]},
-         {"hidden": {"utm_source": "Facebook"}}, True),
+        (
+            {"field": "hidden.utm_source", "any_of": ["facebook", "ig"]},
+            {"hidden": {"utm_source": "Facebook"}},
+            True,
+        ),
         ({"field": "source", "equals": "typeform"}, {}, True),
         ({"field": "form_id", "equals": "other"}, {}, False),
         ({"field": "answers.budget", "lte": 1000}, {"answers": {"budget": "900"}}, True),
         ({"field": "answers.budget", "gte": 1000}, {"answers": {"budget": "n/a"}}, False),
-        ({"field": "answers.language", "contains": "ka"}, {"answers": {"language": "ka-GE"}},
-         True),
+        (
+            {"field": "answers.language", "contains": "ka"},
+            {"answers": {"language": "ka-GE"}},
+            True,
+        ),
     ],
 )
 def test_rule_conditions(clean, environment, condition, lead, expected) -> None:
     rules = [{"name": "r", "when": [condition], "rep": "mariam"}]
-    current = make_settings(environment, assignment={
-        **load_settings(ROOT / "config.yaml").assignment.model_dump(), "rules": rules})
+    current = make_settings(
+        environment,
+        assignment={**load_settings(ROOT / "config.yaml").assignment.model_dump(), "rules": rules},
+    )
     choice = Assigner(current, ACTIVE, MONDAY_NOON_UTC).choose(lead_event(**lead))
     assert (choice.rule == "r") is expected
 
@@ -160,13 +174,14 @@ def _assign_many(environ: dict[str, str], assignment: dict[str, Any], count: int
     os.environ.update(environ)
     current = make_settings(environ, assignment=assignment)
     assigner = Assigner(current, ACTIVE, MONDAY_NOON_UTC)
-    return [assigner.choose(lead_event(answers={"budget": 50000})).rep.key
-            for _ in range(count)]
+    return [assigner.choose(lead_event(answers={"budget": 50000})).rep.key for _ in range(count)]
 
 
 def test_thousand_leads_by_four_processes_split_exactly(clean, environment) -> None:
-    pools = {"everyone": {"strategy": "round_robin", "reps": ["luka", "mariam"]},
-             "senior": {"strategy": "weighted", "reps": {"luka": 2, "mariam": 1, "davit": 1}}}
+    pools = {
+        "everyone": {"strategy": "round_robin", "reps": ["luka", "mariam"]},
+        "senior": {"strategy": "weighted", "reps": {"luka": 2, "mariam": 1, "davit": 1}},
+    }
     assignment = {**load_settings(ROOT / "config.yaml").assignment.model_dump(), "pools": pools}
     # Separate processes, as separate RQ workers are, all turning one counter in the database.
     context = multiprocessing.get_context("spawn")

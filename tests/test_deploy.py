@@ -53,7 +53,10 @@ def _config_refs(tree: Any) -> set[str]:
 def product_env_vars() -> set[str]:
     """Every variable config.yaml references and every one the product's code reads."""
     names = _config_refs(yaml.safe_load((ROOT / "config.yaml").read_text()))
-    reads = re.compile(r"""(?:environ\.get\(|environ\[|getenv\()\s*["']([A-Z][A-Z0-9_]+)["']""")
+    # os.environ only: a WSGI environ (req.environ["CONTENT_LENGTH"]) is not configuration.
+    reads = re.compile(
+        r"""(?:os\.environ\.get\(|os\.environ\[|getenv\()\s*["']([A-Z][A-Z0-9_]+)["']"""
+    )
     for folder in PRODUCT_DIRS:
         for file in (ROOT / folder).rglob("*.py"):
             names |= set(reads.findall(file.read_text(encoding="utf-8")))
@@ -127,7 +130,9 @@ def empty_postgres() -> Iterator[str]:
         with psycopg.connect(admin, autocommit=True, connect_timeout=3) as connection:
             connection.execute(f'CREATE DATABASE "{name}"')
     except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432 for user postgres ({exc.__class__.__name__})")
+        pytest.skip(
+            f"no PostgreSQL at 127.0.0.1:5432 for user postgres ({exc.__class__.__name__})"
+        )
     yield f"postgres://postgres@127.0.0.1:5432/{name}"  # the form Heroku and Render hand out
     with psycopg.connect(admin, autocommit=True) as connection:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -135,8 +140,15 @@ def empty_postgres() -> Iterator[str]:
 
 def alembic(database_url: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DATABASE_URL": database_url}
-    return subprocess.run([str(BIN / "alembic"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [str(BIN / "alembic"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def release(database_url: str) -> None:
@@ -187,8 +199,15 @@ def test_release_migrates_a_postgres_at_the_previous_revision(empty_postgres: st
 
 def flask(*args: str, env: dict[str, str], unset: tuple[str, ...] = ()) -> Any:
     environ = {k: v for k, v in {**os.environ, **env}.items() if k not in unset}
-    return subprocess.run([str(BIN / "flask"), "--app", "app", *args], cwd=ROOT, env=environ,
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [str(BIN / "flask"), "--app", "app", *args],
+        cwd=ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def broken_config(tmp_path: Path, change: Any) -> Path:
@@ -200,9 +219,15 @@ def broken_config(tmp_path: Path, change: Any) -> Path:
 
 
 SECRETS_ONLY = {
-    "TYPEFORM_WEBHOOK_SECRET": "t", "FORM_WEBHOOK_SECRET": "f", "PIPEDRIVE_API_TOKEN": "p",
-    "GOOGLE_CLIENT_ID": "c", "GOOGLE_CLIENT_SECRET": "s", "GOOGLE_REFRESH_TOKEN": "r",
-    "FACEBOOK_APP_SECRET": "a", "FACEBOOK_VERIFY_TOKEN": "v", "FACEBOOK_PAGE_ACCESS_TOKEN": "g",
+    "TYPEFORM_WEBHOOK_SECRET": "t",
+    "FORM_WEBHOOK_SECRET": "f",
+    "PIPEDRIVE_API_TOKEN": "p",
+    "GOOGLE_CLIENT_ID": "c",
+    "GOOGLE_CLIENT_SECRET": "s",
+    "GOOGLE_REFRESH_TOKEN": "r",
+    "FACEBOOK_APP_SECRET": "a",
+    "FACEBOOK_VERIFY_TOKEN": "v",
+    "FACEBOOK_PAGE_ACCESS_TOKEN": "g",
     "REDIS_URL": "redis://127.0.0.1:6379/0",
 }
 
@@ -212,9 +237,14 @@ SECRETS_ONLY = {
     [
         (lambda c: c["lead_capture"].pop("stage"), "lead_capture.stage"),
         (lambda c: c["reps"][0].update(pipedrive_user_id="luka"), "reps.0.pipedrive_user_id"),
-        (lambda c: c["lead_capture"].update(deal_title="{{ lead.email"), "lead_capture.deal_title"),
-        (lambda c: c["lead_capture"]["welcome_email"].update(subject="{% if %}"),
-         "lead_capture.welcome_email.subject"),
+        (
+            lambda c: c["lead_capture"].update(deal_title="{{ lead.email"),
+            "lead_capture.deal_title",
+        ),
+        (
+            lambda c: c["lead_capture"]["welcome_email"].update(subject="{% if %}"),
+            "lead_capture.welcome_email.subject",
+        ),
     ],
     ids=["missing-key", "wrong-type", "deal-title-template", "subject-template"],
 )
@@ -268,8 +298,15 @@ def test_check_config_online_names_a_missing_stage_and_field(app, tmp_path, monk
 
 def test_setup_commands_are_registered(app) -> None:
     listing = app.test_cli_runner().invoke(args=["--help"]).output
-    for name in ("check-config", "google-auth", "docusign-consent", "register-webhooks",
-                 "simulate", "migrate", "sweep"):
+    for name in (
+        "check-config",
+        "google-auth",
+        "docusign-consent",
+        "register-webhooks",
+        "simulate",
+        "migrate",
+        "sweep",
+    ):
         assert name in listing
 
 
@@ -296,12 +333,15 @@ def test_docusign_consent_prints_the_demo_url(app, monkeypatch) -> None:
     monkeypatch.setenv("DOCUSIGN_INTEGRATION_KEY", "4f1c-key")
     monkeypatch.delenv("DOCUSIGN_OAUTH_HOST", raising=False)
     result = app.test_cli_runner().invoke(
-        args=["docusign-consent", "--redirect-uri", "https://example.org/ds"])
+        args=["docusign-consent", "--redirect-uri", "https://example.org/ds"]
+    )
 
     assert result.exit_code == 0, result.output
-    assert ("https://account-d.docusign.com/oauth/auth?response_type=code"
-            "&scope=signature%20impersonation&client_id=4f1c-key"
-            "&redirect_uri=https%3A%2F%2Fexample.org%2Fds") in result.output
+    assert (
+        "https://account-d.docusign.com/oauth/auth?response_type=code"
+        "&scope=signature%20impersonation&client_id=4f1c-key"
+        "&redirect_uri=https%3A%2F%2Fexample.org%2Fds"
+    ) in result.output
 
     production = app.test_cli_runner().invoke(args=["docusign-consent", "--production"])
     assert "https://account.docusign.com/oauth/auth?" in production.output
@@ -309,7 +349,8 @@ def test_docusign_consent_prints_the_demo_url(app, monkeypatch) -> None:
 
 def test_register_webhooks_prints_the_urls(app) -> None:
     result = app.test_cli_runner().invoke(
-        args=["register-webhooks", "--base-url", "https://sales.example.org/"])
+        args=["register-webhooks", "--base-url", "https://sales.example.org/"]
+    )
 
     assert result.exit_code == 0
     for route in ("typeform", "facebook", "form", "docusign"):
@@ -339,7 +380,8 @@ def test_simulate_posts_a_signed_fixture(app, running_app, source, fixture) -> N
     from tests.conftest import FIXTURES, queued_job_ids
 
     result = app.test_cli_runner().invoke(
-        args=["simulate", source, str(FIXTURES / fixture), "--url", running_app])
+        args=["simulate", source, str(FIXTURES / fixture), "--url", running_app]
+    )
 
     assert result.exit_code == 0, result.output
     answer = json.loads(result.output.split(" ", 1)[1])
@@ -350,9 +392,17 @@ def test_simulate_posts_a_signed_fixture(app, running_app, source, fixture) -> N
 def test_simulate_with_the_wrong_secret_is_refused(app, running_app) -> None:
     from tests.conftest import FIXTURES
 
-    result = app.test_cli_runner().invoke(args=[
-        "simulate", "form", str(FIXTURES / "form/lead.json"), "--url", running_app,
-        "--secret", "not-the-secret"])
+    result = app.test_cli_runner().invoke(
+        args=[
+            "simulate",
+            "form",
+            str(FIXTURES / "form/lead.json"),
+            "--url",
+            running_app,
+            "--secret",
+            "not-the-secret",
+        ]
+    )
     assert result.exit_code != 0
     assert result.output.startswith("401 ")
 
@@ -361,10 +411,28 @@ def test_simulate_with_the_wrong_secret_is_refused(app, running_app) -> None:
 
 
 def start_workers(count: int, *flags: str) -> list[subprocess.Popen]:
-    command = [str(BIN / "rq"), "worker", "--burst", *flags, "--worker-class",
-               "core.worker.FlowWorker", "--url", os.environ["REDIS_URL"], "flows"]
-    return [subprocess.Popen(command, cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True) for _ in range(count)]
+    command = [
+        str(BIN / "rq"),
+        "worker",
+        "--burst",
+        *flags,
+        "--worker-class",
+        "core.worker.FlowWorker",
+        "--url",
+        os.environ["REDIS_URL"],
+        "flows",
+    ]
+    return [
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=dict(os.environ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(count)
+    ]
 
 
 def wait_for(workers: list[subprocess.Popen], timeout_s: float = 90) -> None:
@@ -402,8 +470,9 @@ def assert_each_run_once(event_ids: list[str]) -> None:
 def test_three_workers_drain_a_burst_without_duplicating_anything(client, sandbox) -> None:
     persons_before = len(sandbox.state()["pipedrive"]["persons"])
     # 50 new addresses; 10 more submissions reuse an address (same person, its own deal).
-    emails = [f"burst{i}@example.org" for i in range(50)] + [f"burst{i}@example.org"
-                                                            for i in range(10)]
+    emails = [f"burst{i}@example.org" for i in range(50)] + [
+        f"burst{i}@example.org" for i in range(10)
+    ]
     event_ids = []
     for index, address in enumerate(emails):
         body = as_bytes(lead(index, address))
@@ -420,7 +489,8 @@ def test_three_workers_drain_a_burst_without_duplicating_anything(client, sandbo
     assert len(new_persons) == 50 and max(addresses.values()) == 1
     assert len(pipedrive["deals"]) == 60
     assert Counter(n["deal_id"] for n in pipedrive["notes"]) == Counter(
-        {d["id"]: 1 for d in pipedrive["deals"]})
+        {d["id"]: 1 for d in pipedrive["deals"]}
+    )
     assert len(sent) == 60
     assert_each_run_once(event_ids)
 
@@ -431,14 +501,20 @@ def test_three_scheduler_workers_move_each_scheduled_job_once(client) -> None:
     event_ids = []
     for index in range(15):
         body = as_bytes(lead(100 + index, f"later{index}@example.org"))
-        event_ids.append(client.post("/webhooks/form", data=body,
-                                     headers=form_headers(body)).json["event_id"])
+        event_ids.append(
+            client.post("/webhooks/form", data=body, headers=form_headers(body)).json["event_id"]
+        )
     # Move every job to the scheduled registry, due already: the retry path does the same.
     rq_queue = queue.queue()
     rq_queue.empty()
     for event_id in event_ids:
-        rq_queue.enqueue_at(store.utcnow() - timedelta(seconds=1), queue.JOB_FUNCTION, event_id,
-                            job_id=event_id, result_ttl=0)
+        rq_queue.enqueue_at(
+            store.utcnow() - timedelta(seconds=1),
+            queue.JOB_FUNCTION,
+            event_id,
+            job_id=event_id,
+            result_ttl=0,
+        )
 
     wait_for(start_workers(3, "--with-scheduler"))
 

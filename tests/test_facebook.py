@@ -17,14 +17,18 @@ VERIFY = {"hub.mode": "subscribe", "hub.challenge": "1158201444"}
 
 def post(client, environment, body: bytes):
     signature = graph.sign_webhook(body, environment["FACEBOOK_APP_SECRET"])
-    return client.post("/webhooks/facebook", data=body,
-                       headers={"X-Hub-Signature-256": signature,
-                                "Content-Type": "application/json"})
+    return client.post(
+        "/webhooks/facebook",
+        data=body,
+        headers={"X-Hub-Signature-256": signature, "Content-Type": "application/json"},
+    )
 
 
 def lead_body(*leadgen_ids: str, form_id: str = graph.DEFAULT_FORM_ID) -> bytes:
-    leads = [{"id": i, "form_id": form_id, "created_time": "2026-12-02T16:27:03+0000"}
-             for i in leadgen_ids]
+    leads = [
+        {"id": i, "form_id": form_id, "created_time": "2026-12-02T16:27:03+0000"}
+        for i in leadgen_ids
+    ]
     return graph.leadgen_webhook_body(leads)
 
 
@@ -36,19 +40,23 @@ def test_verification_echoes_the_challenge(client, environment) -> None:
     assert answer.mimetype == "text/plain"
 
 
-@pytest.mark.parametrize("params", [
-    {**VERIFY, "hub.verify_token": "wrong"},
-    {"hub.mode": "unsubscribe", "hub.challenge": "1", "hub.verify_token": "x"},
-    {},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {**VERIFY, "hub.verify_token": "wrong"},
+        {"hub.mode": "unsubscribe", "hub.challenge": "1", "hub.verify_token": "x"},
+        {},
+    ],
+)
 def test_verification_refuses_a_wrong_token(client, params) -> None:
     assert client.get("/webhooks/facebook", query_string=params).status_code == 403
 
 
 def test_shared_fixture_golden(client, environment, sandbox) -> None:
     # The shared fixture as Meta would send it: its own bytes, signed as they are.
-    body = (graph.meta_json(json.loads(
-        open("tests/fixtures/facebook/leadgen_webhook.json", encoding="utf-8").read())))
+    body = graph.meta_json(
+        json.loads(open("tests/fixtures/facebook/leadgen_webhook.json", encoding="utf-8").read())
+    )
     answer = post(client, environment, body)
     assert answer.status_code == 200 and answer.json["status"] == "queued"
     run_worker()
@@ -62,7 +70,8 @@ def test_shared_fixture_golden(client, environment, sandbox) -> None:
     with session() as db:
         lead = db.get(Event, answer.json["event_id"]).data["lead"]
     assert lead["answers"] == {
-        "When would you like to start?": "Što prije – idealno početkom siječnja"}
+        "When would you like to start?": "Što prije – idealno početkom siječnja"
+    }
 
 
 def test_batch_of_three_is_three_events(client, environment, sandbox) -> None:
@@ -84,8 +93,9 @@ def test_reserialised_body_does_not_verify(client, environment) -> None:
     body = lead_body(graph.FIXTURE_LEADGEN_ID)
     signature = graph.sign_webhook(body, environment["FACEBOOK_APP_SECRET"])
     reserialised = json.dumps(json.loads(body), ensure_ascii=False).encode()
-    answer = client.post("/webhooks/facebook", data=reserialised,
-                         headers={"X-Hub-Signature-256": signature})
+    answer = client.post(
+        "/webhooks/facebook", data=reserialised, headers={"X-Hub-Signature-256": signature}
+    )
     assert answer.status_code == 401 and queued_job_ids() == []
 
 
@@ -96,8 +106,9 @@ def test_georgian_question_is_kept_by_its_text(client, environment, sandbox) -> 
         lead = db.get(Event, answer.json["event_id"]).data["lead"]
     assert lead["answers"]["რომელი სერვისები გაინტერესებთ?"] == ["ვებგვერდის დიზაინი", "SEO"]
     assert lead["city"] == "ქუთაისი" and lead["phone"] == "+995599456789"
-    parsed = email.message_from_string(messages(sandbox)[0]["headers"]["Subject"],
-                                       policy=policy.default)
+    parsed = email.message_from_string(
+        messages(sandbox)[0]["headers"]["Subject"], policy=policy.default
+    )
     assert parsed is not None
 
 
@@ -123,8 +134,9 @@ def test_expired_token_fails_at_once_with_an_operator_reason(client, environment
 
 
 def test_unreadable_lead_fails_with_the_permission_hint(client, environment, sandbox) -> None:
-    requests.post(f"{sandbox.url}/_sandbox/graph/leads/{graph.FIXTURE_LEADGEN_ID}/unreadable",
-                  timeout=5).raise_for_status()
+    requests.post(
+        f"{sandbox.url}/_sandbox/graph/leads/{graph.FIXTURE_LEADGEN_ID}/unreadable", timeout=5
+    ).raise_for_status()
     answer = post(client, environment, lead_body(graph.FIXTURE_LEADGEN_ID))
     run_worker()
     status, reason = event_status(answer.json["event_id"])
@@ -142,19 +154,28 @@ def test_throttling_codes_are_retried(client, environment, sandbox, code) -> Non
 
 
 def test_other_fields_are_ignored(client, environment) -> None:
-    body = graph.meta_json({"object": "page", "entry": [
-        {"id": "1", "time": 1, "changes": [{"field": "feed", "value": {"item": "post"}}]}]})
+    body = graph.meta_json(
+        {
+            "object": "page",
+            "entry": [
+                {"id": "1", "time": 1, "changes": [{"field": "feed", "value": {"item": "post"}}]}
+            ],
+        }
+    )
     answer = post(client, environment, body)
     assert answer.status_code == 200 and answer.json["status"] == "ignored"
     assert queued_job_ids() == []
 
 
-@pytest.mark.parametrize("payload", [
-    {"object": "user", "entry": []},
-    {"object": "page", "entry": [{"changes": [{"field": "leadgen", "value": {}}]}]},
-    {"object": "page", "entry": [{"changes": [{"field": "leadgen", "value": "x"}]}]},
-    {"object": "page", "entry": ["x"]},
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"object": "user", "entry": []},
+        {"object": "page", "entry": [{"changes": [{"field": "leadgen", "value": {}}]}]},
+        {"object": "page", "entry": [{"changes": [{"field": "leadgen", "value": "x"}]}]},
+        {"object": "page", "entry": ["x"]},
+    ],
+)
 def test_malformed_notifications_are_400(client, environment, payload) -> None:
     answer = post(client, environment, graph.meta_json(payload))
     assert answer.status_code == 400 and answer.json["error"]

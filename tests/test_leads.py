@@ -13,10 +13,12 @@ from core.leads import (
 )
 from tests.conftest import as_bytes, load_fixture
 
-FORM = TypeformForm(fields={"full_name": "name", "email": "email", "phone": "phone",
-                            "company": "company"})
-WEBSITE = WebsiteForm(fields={"name": "name", "email": "email", "phone": "phone",
-                              "company": "company"})
+FORM = TypeformForm(
+    fields={"full_name": "name", "email": "email", "phone": "phone", "company": "company"}
+)
+WEBSITE = WebsiteForm(
+    fields={"name": "name", "email": "email", "phone": "phone", "company": "company"}
+)
 
 
 def test_typeform_full_response_golden() -> None:
@@ -59,8 +61,10 @@ def test_typeform_without_answers_is_a_lead_without_email() -> None:
     [
         ([], "The body must be a JSON object."),
         ({"event_type": "form_response"}, "form_response must be a JSON object."),
-        ({"event_type": "form_response", "form_response": {"form_id": "x"}},
-         "form_response needs form_id and token strings."),
+        (
+            {"event_type": "form_response", "form_response": {"form_id": "x"}},
+            "form_response needs form_id and token strings.",
+        ),
         ({"form_response": {}}, "The body has no event_type string."),
     ],
 )
@@ -76,8 +80,11 @@ def test_website_form_golden() -> None:
     assert event.lead.name == "Ana Kovač"
     assert event.lead.phone == "+385912345678"
     assert event.lead.answers["services"] == ["SEO", "Email marketing"]
-    assert event.lead.hidden == {"utm_source": "google", "utm_medium": "cpc",
-                                 "utm_campaign": "dec_2026_search"}
+    assert event.lead.hidden == {
+        "utm_source": "google",
+        "utm_medium": "cpc",
+        "utm_campaign": "dec_2026_search",
+    }
 
 
 def test_website_form_without_id_dedups_on_the_bytes() -> None:

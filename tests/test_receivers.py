@@ -73,7 +73,9 @@ def test_missing_content_type_is_not_an_error(client) -> None:
 )
 def test_bad_typeform_signature_is_401_and_leaves_nothing(client, mutate) -> None:
     body = as_bytes(load_fixture("typeform/form_response.json"))
-    answer = client.post("/webhooks/typeform", data=body, headers=mutate(typeform_headers(body), body))
+    answer = client.post(
+        "/webhooks/typeform", data=body, headers=mutate(typeform_headers(body), body)
+    )
     assert answer.status_code == 401
     assert "Typeform-Signature" in answer.json["error"]
     assert queued_job_ids() == [] and event_count() == 0
@@ -108,8 +110,11 @@ def test_malformed_typeform_body_is_400_with_a_sentence(client, body, fragment) 
 
 
 def test_malformed_form_fields_are_400(client) -> None:
-    for body in (b'{"fields": "x"}', b'{"fields": {"name": {"a": 1}}}',
-                 b'{"fields": {}, "submitted_at": "yesterday"}'):
+    for body in (
+        b'{"fields": "x"}',
+        b'{"fields": {"name": {"a": 1}}}',
+        b'{"fields": {}, "submitted_at": "yesterday"}',
+    ):
         answer = client.post("/webhooks/form", data=body, headers=form_headers(body))
         assert answer.status_code == 400, body
         assert answer.json["error"]
