@@ -3,14 +3,13 @@
 import logging
 from urllib.parse import urlsplit
 
-from email_validator import EmailNotValidError, validate_email
 from flask import abort, redirect, request
 from flask.typing import ResponseReturnValue
 
 from core.config import BrowserForm, settings
-from core.leads import lead_from_browser
+from core.leads import MalformedPayload, lead_from_browser
 from receivers import webhooks
-from receivers.common import answer, count, read_body, reject, store_event
+from receivers.common import answer, count, describe, read_body, reject, store_event
 from receivers.limits import form_key, limiter
 
 logger = logging.getLogger(__name__)
@@ -62,13 +61,12 @@ def browser_form(form_key: str) -> ResponseReturnValue:
     if not fields:
         return reject(SOURCE, 400, "The form post carries no fields.")
 
-    event = lead_from_browser(fields, form_key, body, form, settings().default_region)
+    try:
+        event = lead_from_browser(fields, form_key, body, form, settings().default_region)
+    except MalformedPayload as exc:
+        return reject(SOURCE, 400, describe(exc))
     if not event.lead.email:
         return reject(SOURCE, 400, "The form needs an email address.")
-    try:
-        validate_email(event.lead.email, check_deliverability=False)
-    except EmailNotValidError as exc:
-        return reject(SOURCE, 400, f"The email address is not valid: {exc}")
 
     event_id, status = store_event(SOURCE, event, body)
     if _wants_json():

@@ -23,7 +23,12 @@ SAMPLES = [
     ("typeform", "typeform/form_response.json"),
     ("typeform", "typeform/form_response_minimal.json"),
     ("form", "form/lead.json"),
+    ("facebook", "facebook/leadgen_webhook.json"),
+    ("browser_form", "browser/contact.txt"),
 ]
+# The browser form's key in config.yaml and the origin the demo posts from.
+BROWSER_FORM = "contact"
+BROWSER_ORIGIN = "https://tbilisi-digital.example"
 DEMO_SECRETS = {
     "TYPEFORM_WEBHOOK_SECRET": "demo-typeform-secret",
     "FORM_WEBHOOK_SECRET": "demo-form-secret",
@@ -100,20 +105,52 @@ def start_sandbox(stack: ExitStack, env: dict[str, str]) -> str:
     return url
 
 
-def post(web: str, source: str, fixture: str, env: dict[str, str]) -> dict[str, Any]:
-    """Sign a sample as its vendor does and post it; returns the answer and the timing."""
+def signed_request(source: str, fixture: str, env: dict[str, str]) -> tuple[str, bytes, dict]:
+    """The path, bytes and headers a vendor (or a browser) would send for a sample."""
     from core.signatures import sign_base64_sha256, sign_hex_sha256
+    from sandbox.facebook import meta_json
 
     body = (FIXTURES / fixture).read_bytes()
+    json_type = {"Content-Type": "application/json"}
     if source == "typeform":
-        headers = {"Typeform-Signature": sign_base64_sha256(env["TYPEFORM_WEBHOOK_SECRET"], body)}
-    else:
-        headers = {"X-Signature": sign_hex_sha256(env["FORM_WEBHOOK_SECRET"], body)}
-    headers["Content-Type"] = "application/json"
+        signature = sign_base64_sha256(env["TYPEFORM_WEBHOOK_SECRET"], body)
+        return "typeform", body, {**json_type, "Typeform-Signature": signature}
+    if source == "facebook":
+        # Meta's own bytes: compact, with / and non-ASCII escaped, signed as sent.
+        body = meta_json(json.loads(body))
+        signature = sign_hex_sha256(env["FACEBOOK_APP_SECRET"], body)
+        return "facebook", body, {**json_type, "X-Hub-Signature-256": signature}
+    if source == "browser_form":
+        # A visitor's browser: no secret, an Origin, a urlencoded body, a 303 back.
+        form_type = {"Content-Type": "application/x-www-form-urlencoded"}
+        return f"form/{BROWSER_FORM}", body.strip(), {**form_type, "Origin": BROWSER_ORIGIN}
+    signature = sign_hex_sha256(env["FORM_WEBHOOK_SECRET"], body)
+    return "form", body, {**json_type, "X-Signature": signature}
+
+
+def post(web: str, source: str, fixture: str, env: dict[str, str]) -> dict[str, Any]:
+    """Post a sample as its sender does; returns the answer and the timing."""
+    path, body, headers = signed_request(source, fixture, env)
     started = time.perf_counter()
-    answer = requests.post(f"{web}/webhooks/{source}", data=body, headers=headers, timeout=10)
-    ack_ms = (time.perf_counter() - started) * 1000
-    return {"http_status": answer.status_code, **answer.json(), "ack_ms": round(ack_ms, 1)}
+    answer = requests.post(
+        f"{web}/webhooks/{path}", data=body, headers=headers, timeout=10, allow_redirects=False
+    )
+    ack_ms = round((time.perf_counter() - started) * 1000, 1)
+    if answer.status_code == 303:
+        # The browser only sees the thank-you page: find the event in the run history.
+        events = requests.get(
+            f"{web}/api/events?source={source}",
+            timeout=5,
+            headers={"Authorization": f"Bearer {env['ADMIN_TOKEN']}"},
+        ).json()["events"]
+        return {
+            "http_status": 303,
+            "location": answer.headers["Location"],
+            "event_id": events[0]["id"],
+            "status": "queued",
+            "ack_ms": ack_ms,
+        }
+    return {"http_status": answer.status_code, **answer.json(), "ack_ms": ack_ms}
 
 
 def outcome(web: str, sandbox: str, accepted: dict[str, Any], token: str) -> dict[str, Any]:
@@ -254,12 +291,15 @@ def main() -> int:
 
     REPORT.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     show(report)
-    ok = all(lead["status"] == "succeeded" for lead in leads)
     after, before = report["emulator_counts_after"], report["emulator_counts_before"]
+    grown = {key: after[key] - before[key] for key in after}
+    created = sum(1 for lead in leads if lead.get("person", {}).get("created"))
     ok = (
-        ok and after["deals"] - before["deals"] == len(leads) == after["emails"] - before["emails"]
+        all(lead["status"] == "succeeded" for lead in leads)
+        and grown["deals"] == grown["notes"] == grown["emails"] == len(leads)
+        and grown["persons"] == created
+        and repeat["status"] == "duplicate"
     )
-    ok = ok and repeat["status"] == "duplicate"
     print("demo: OK" if ok else "demo: FAILED (see instance/*.log)")
     return 0 if ok else 1
 
