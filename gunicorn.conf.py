@@ -36,3 +36,17 @@ loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 preload_app = False
 # The platform's router is the only client; trust its X-Forwarded-* headers.
 forwarded_allow_ips = "*"
+
+# Several processes answer /metrics in turn: prometheus_client's multiprocess mode sums
+# their counters from files in one folder. It must be set before the workers import it.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    import tempfile
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="salesflow-metrics-")
+
+
+def child_exit(server, worker):  # noqa: ANN001 - gunicorn's hook signature
+    """Drop a dead worker's live gauges from the multiprocess files."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

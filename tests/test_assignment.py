@@ -190,3 +190,18 @@ def test_thousand_leads_by_four_processes_split_exactly(clean, environment) -> N
 
     split = Counter(key for result in results for key in result)
     assert split == {"luka": 500, "mariam": 250, "davit": 250}
+
+
+@given(
+    budget=st.one_of(
+        st.integers(-(10**6), 10**6), st.floats(allow_nan=False, allow_infinity=False)
+    )
+)
+def test_budget_rule_routes_exactly_at_its_threshold(budget: float) -> None:
+    from core.assignment import matches
+    from core.config import Condition
+
+    condition = Condition(field="answers.budget", gte=20000)
+    event = lead_event(answers={"budget": budget})
+    assert matches(condition, event) is (budget >= 20000)
+    assert matches(condition, lead_event(answers={"budget": str(budget)})) is (budget >= 20000)

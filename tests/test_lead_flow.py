@@ -271,3 +271,31 @@ def test_stranded_event_is_requeued_by_the_sweep(client, sandbox, monkeypatch) -
     assert len(messages(sandbox)) == 1
     with session() as db:
         assert db.scalars(select(Event.status)).all() == ["succeeded"]
+
+
+def test_run_whose_worker_died_is_run_again_once(client, sandbox, monkeypatch) -> None:
+    from datetime import timedelta
+
+    from rq.job import Job
+
+    from core import queue, recovery
+    from core.store import utcnow
+
+    accepted = post_form(client, load_fixture("form/lead.json"))
+    event_id = accepted["event_id"]
+    # A work-horse killed mid-run: the event stays running, RQ files the job as failed.
+    job = Job.fetch(event_id, connection=queue.connection())
+    queue.queue().remove(job)
+    job.set_status("failed")
+    with session() as db:
+        event = db.get(Event, event_id)
+        event.status = "running"
+    assert recovery.requeue_stranded() == 0  # still young: its worker may be alive
+
+    monkeypatch.setattr(recovery, "RUNNING_GRACE", timedelta(seconds=-1))
+    with session() as db:
+        db.get(Event, event_id).updated_at = utcnow() - timedelta(hours=1)
+    assert recovery.requeue_stranded() == 1
+    run_worker()
+    assert event_status(event_id)[0] == "succeeded"
+    assert len(pipedrive(sandbox)["deals"]) == 1 and len(messages(sandbox)) == 1

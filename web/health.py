@@ -1,15 +1,17 @@
 """GET /healthz and GET /metrics."""
 
 import logging
+import os
 
 import redis
 from flask import Blueprint, Response, jsonify
 from flask.typing import ResponseReturnValue
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from core import queue
+from core.metrics import SpeedToLeadCollector
 from core.store import engine
 
 logger = logging.getLogger(__name__)
@@ -37,5 +39,11 @@ def healthz() -> ResponseReturnValue:
 
 @health.get("/metrics")
 def metrics() -> Response:
-    """Prometheus text format."""
-    return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+    """Prometheus text format, summed over the web processes when gunicorn runs several."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    # Speed to lead lives in Redis, not in the process files.
+    registry.register(SpeedToLeadCollector())
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
