@@ -2,6 +2,7 @@
 
 import logging
 import sys
+from datetime import UTC, datetime
 
 import click
 from flask import Flask, jsonify
@@ -78,6 +79,24 @@ def _register_commands(app: Flask) -> None:
         from core.recovery import requeue_stranded
 
         click.echo(f"requeued {requeue_stranded()} events")
+
+    @app.cli.command("replay")
+    @click.argument("event_ids", nargs=-1)
+    @click.option("--failed", is_flag=True, help="Replay every failed event.")
+    @click.option("--since", type=click.DateTime(), help="With --failed: received since (UTC).")
+    @click.option("--force", is_flag=True, help="Replay events that did not fail too.")
+    def replay_command(
+        event_ids: tuple[str, ...], failed: bool, since: datetime | None, force: bool
+    ) -> None:
+        """Run events again; vendor side effects already done are not done twice."""
+        from core.replay import failed_event_ids, replay
+
+        if failed:
+            event_ids += tuple(failed_event_ids(since.replace(tzinfo=UTC) if since else None))
+        if not event_ids:
+            raise click.UsageError("name an EVENT_ID or use --failed")
+        for event_id in event_ids:
+            click.echo(f"{event_id}: {replay(event_id, force=force)}")
 
     import cli
 

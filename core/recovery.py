@@ -13,8 +13,10 @@ logger = logging.getLogger(__name__)
 
 # The receiver stores, then enqueues: give it this long before calling an event stranded.
 ENQUEUE_GRACE = timedelta(seconds=10)
-# A run that has not moved for twice the job timeout lost its worker.
-RUNNING_GRACE = timedelta(seconds=2 * queue.JOB_TIMEOUT_S)
+# A run that has not moved for a job timeout and a minute lost its worker; with the sweep
+# every 30 s it runs again within twice the job timeout. RQ's own clean-up of abandoned
+# jobs usually retries it sooner.
+RUNNING_GRACE = timedelta(seconds=queue.JOB_TIMEOUT_S + 60)
 SWEEP_LOCK = "salesflow:sweep"
 
 
