@@ -15,6 +15,7 @@ class VendorError(Exception):
         body: str | None = None,
         request_id: str | None = None,
         retry_after: float | None = None,
+        ambiguous: bool = False,
     ) -> None:
         super().__init__(f"{vendor}: {message}")
         self.vendor = vendor
@@ -23,6 +24,9 @@ class VendorError(Exception):
         self.body = (body or "")[:2000]
         self.request_id = request_id
         self.retry_after = retry_after
+        # A write whose outcome is unknown (timed out, or a 5xx after it was sent): trying
+        # it again blindly could do it twice. Only the caller can look first.
+        self.ambiguous = ambiguous
 
 
 class TransientVendorError(VendorError):

@@ -33,6 +33,9 @@ def call_with_retry(
         try:
             return call()
         except TransientVendorError as exc:
+            if exc.ambiguous:
+                # The vendor may have done it: RunContext.once asks before any second try.
+                raise
             if attempt >= policy.attempts:
                 logger.warning("giving up what=%s attempts=%d error=%s", what, attempt, exc)
                 raise

@@ -1,6 +1,7 @@
 """Flow runs: named steps recorded in the store, side effects done once by key."""
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -17,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 Result = dict[str, Any]
 FINAL_STATUSES = {"succeeded", "ignored"}
+# How often a write with an unknown outcome is looked up and tried again within one job.
+AMBIGUOUS_TRIES = 3
 # A pending side effect older than this lost its job; younger, another job may own it.
 PENDING_STALE = timedelta(seconds=60)
 
@@ -89,9 +92,29 @@ class RunContext:
                 # Another job holds the same key: let the retry schedule sort it out.
                 raise RetryLater(f"side effect {key} is being done by another job") from None
 
-        result = action()
+        result = _act(key, action, recover)
         _complete_effect(key, result)
         return result
+
+
+def _act(
+    key: str, action: Callable[[], Result], recover: Callable[[], Result | None] | None
+) -> Result:
+    """Do the side effect; when a write's outcome is unknown, look before trying again."""
+    attempt = 1
+    while True:
+        try:
+            return action()
+        except VendorError as exc:
+            if not exc.ambiguous or recover is None or attempt >= AMBIGUOUS_TRIES:
+                raise
+            found = recover()
+            if found is not None:
+                logger.info("ambiguous write had been done key=%s", key)
+                return found
+            logger.info("ambiguous write had not been done key=%s attempt=%d", key, attempt)
+            time.sleep(0.2 * attempt)
+            attempt += 1
 
 
 def _age(moment: datetime) -> timedelta:

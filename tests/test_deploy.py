@@ -23,7 +23,10 @@ from tests.conftest import ROOT, as_bytes, form_headers, load_fixture
 BIN = Path(sys.executable).parent
 PRODUCT_DIRS = ("core", "receivers", "web", "flows", "connectors", "migrations")
 # Read by the platforms or by the processes' launchers, not by our code.
-PLATFORM_VARS = {"PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS", "GUNICORN_LOG_LEVEL"}
+# Set by the platform or by the processes themselves (gunicorn.conf.py sets the metrics dir).
+PLATFORM_VARS = {
+    "PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS", "GUNICORN_LOG_LEVEL", "PROMETHEUS_MULTIPROC_DIR"
+}
 
 
 # -- the three deployment files agree ---------------------------------------------------
@@ -355,7 +358,7 @@ def test_register_webhooks_prints_the_urls(app) -> None:
     assert result.exit_code == 0
     for route in ("typeform", "facebook", "form", "docusign"):
         assert f"https://sales.example.org/webhooks/{route}" in result.output
-    assert "Pipedrive: not yet" in result.output
+    assert "webhooks v2 to https://sales.example.org/webhooks/pipedrive" in result.output
     assert "typeform-test-secret" not in result.output  # names secrets, never prints them
 
 

@@ -3,6 +3,7 @@
 import email
 from email import policy
 
+import pytest
 from sqlalchemy import select
 
 from core.store import Event, session
@@ -299,3 +300,38 @@ def test_run_whose_worker_died_is_run_again_once(client, sandbox, monkeypatch) -
     run_worker()
     assert event_status(event_id)[0] == "succeeded"
     assert len(pipedrive(sandbox)["deals"]) == 1 and len(messages(sandbox)) == 1
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/api/v2/persons$", "/api/v2/organizations$", "/api/v2/deals$", "/v1/notes$"],
+)
+def test_a_write_whose_answer_is_lost_is_done_once(client, sandbox, monkeypatch, path) -> None:
+    from connectors import registry
+
+    # The emulator does the write, then holds the answer past the client's timeout.
+    monkeypatch.setenv("PIPEDRIVE_TIMEOUT_S", "0.5")
+    registry.reset()
+    sandbox.fault(vendor="pipedrive", kind="timeout", path=path, count=1, delay_ms=1500)
+    form = load_fixture("form/lead.json")
+    accepted = post_form(client, form)
+    run_worker()
+
+    assert event_status(accepted["event_id"]) == ("succeeded", None)
+    state = pipedrive(sandbox)
+    emails = [e["value"] for p in state["persons"] for e in p.get("emails") or []]
+    assert emails.count(form["fields"]["email"]) == 1
+    assert [o["name"] for o in state["organizations"]].count(form["fields"]["company"]) == 1
+    assert len(state["deals"]) == 1 and len(state["notes"]) == 1
+
+
+def test_a_sent_email_whose_answer_is_lost_is_sent_once(client, sandbox, monkeypatch) -> None:
+    from connectors import registry
+
+    monkeypatch.setenv("GOOGLE_TIMEOUT_S", "0.5")
+    registry.reset()
+    sandbox.fault(vendor="google", kind="timeout", path="messages/send", count=1, delay_ms=1500)
+    accepted = post_form(client, load_fixture("form/lead.json"))
+    run_worker()
+    assert event_status(accepted["event_id"]) == ("succeeded", None)
+    assert len(messages(sandbox)) == 1
