@@ -38,16 +38,20 @@ def create_app() -> Flask:
     # Heroku's and Render's routers add one X-Forwarded-For hop: rate limits need the client.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=current.trusted_proxies, x_proto=1)
 
+    from dashboard import register_dashboard
     from receivers import webhooks
     from receivers.limits import limiter, storage_uri
     from web.api import api
     from web.health import health
+    from web.unsubscribe import unsubscribe
 
     app.config["RATELIMIT_STORAGE_URI"] = storage_uri()
     limiter.init_app(app)
     app.register_blueprint(webhooks)
     app.register_blueprint(health)
     app.register_blueprint(api)
+    app.register_blueprint(unsubscribe)
+    register_dashboard(app)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _crash)
     _register_commands(app)

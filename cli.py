@@ -390,10 +390,94 @@ def _is_set(name: str) -> str:
     return "set" if os.environ.get(name) else "NOT SET here"
 
 
+# The Pipedrive events the follow-up flow acts on: a deal created in a stage, a deal moved,
+# won or lost. Webhooks v2: one change, one delivery, with an event id to deduplicate by.
+PIPEDRIVE_EVENTS = (("create", "deal"), ("change", "deal"))
+PIPEDRIVE_WEBHOOK_VERSION = "2.0"
+
+
+def _pipedrive_client() -> Any:
+    """The Pipedrive client from config.yaml, or from the environment when it does not load."""
+    from connectors.pipedrive import PipedriveClient
+    from core.config import Pipedrive, Retry
+
+    try:
+        current = load_settings()
+        return PipedriveClient(current.pipedrive, current.retry)
+    except ConfigError:
+        token = os.environ.get("PIPEDRIVE_API_TOKEN")
+        if not token:
+            raise click.ClickException("PIPEDRIVE_API_TOKEN is not set") from None
+        base = os.environ.get("PIPEDRIVE_BASE_URL") or "https://api.pipedrive.com"
+        return PipedriveClient(Pipedrive(api_token=token, base_url=base), Retry())
+
+
+def _covers(webhook: dict[str, Any], url: str, action: str, entity: str, user: str) -> bool:
+    return (
+        webhook.get("subscription_url") == url
+        and str(webhook.get("version")) == PIPEDRIVE_WEBHOOK_VERSION
+        and webhook.get("event_action") in (action, "*")
+        and webhook.get("event_object") in (entity, "*")
+        and (webhook.get("http_auth_user") or "") == user
+        and bool(webhook.get("is_active", 1))
+    )
+
+
+def register_pipedrive_webhooks(url: str, user: str, password: str) -> list[str]:
+    """Create the webhooks this deployment lacks; returns a line per event type."""
+    from connectors.errors import VendorError
+
+    pipedrive = _pipedrive_client()
+    try:
+        existing = pipedrive.list_webhooks()
+    except VendorError as exc:
+        raise click.ClickException(f"Pipedrive refused to list the webhooks: {exc}") from exc
+
+    lines = []
+    for action, entity in PIPEDRIVE_EVENTS:
+        found = next((w for w in existing if _covers(w, url, action, entity, user)), None)
+        if found is not None:
+            lines.append(f"  {action}.{entity}: webhook {found['id']} exists already")
+            continue
+        fields = {
+            "subscription_url": url,
+            "event_action": action,
+            "event_object": entity,
+            "version": PIPEDRIVE_WEBHOOK_VERSION,
+            "name": f"salesflow {action}.{entity}",
+            "http_auth_user": user,
+            "http_auth_password": password,
+        }
+        try:
+            made = pipedrive.create_webhook(fields)
+        except VendorError as exc:
+            raise click.ClickException(f"Pipedrive refused {action}.{entity}: {exc}") from exc
+        existing.append(made)
+        lines.append(f"  {action}.{entity}: webhook {made['id']} created")
+    others = [
+        w
+        for w in existing
+        if w.get("subscription_url") == url
+        and not any(_covers(w, url, a, e, user) for a, e in PIPEDRIVE_EVENTS)
+    ]
+    for webhook in others:
+        # Older subscriptions (v1, other credentials) still deliver; dedup copes, but they
+        # cost a request each and a wrong password fails Pipedrive's tries towards a ban.
+        lines.append(
+            f"  note: webhook {webhook['id']} ({webhook.get('event_action')}."
+            f"{webhook.get('event_object')}, version {webhook.get('version')}) also points "
+            "here; delete it in Pipedrive if it is stale"
+        )
+    return lines
+
+
 @click.command("register-webhooks")
 @click.option("--base-url", required=True, help="The public https:// address of the web process.")
-def register_webhooks(base_url: str) -> None:
-    """Print the webhook URLs and secrets to paste into each vendor's settings."""
+@click.option(
+    "--skip-pipedrive", is_flag=True, help="Only print; do not create Pipedrive's webhooks."
+)
+def register_webhooks(base_url: str, skip_pipedrive: bool) -> None:
+    """Print the webhook URLs to paste into each vendor; create Pipedrive's through its API."""
     base = base_url.rstrip("/")
     if not base.startswith("https://"):
         click.echo("warning: vendors deliver only to https:// addresses", err=True)
@@ -409,11 +493,22 @@ def register_webhooks(base_url: str) -> None:
         f"  POST    {base}/webhooks/form, X-Signature with FORM_WEBHOOK_SECRET ({form_secret})",
         "DocuSign Connect (JSON SIM, Include HMAC signature):",
         f"  URL     {base}/webhooks/docusign",
-        "Pipedrive: not yet. Registering its webhooks through the API comes with the Pipedrive",
-        f"  webhook issue; the address will be {base}/webhooks/pipedrive with Basic auth",
-        "  PIPEDRIVE_WEBHOOK_USER / PIPEDRIVE_WEBHOOK_PASSWORD.",
+        f"Pipedrive (webhooks v2 to {base}/webhooks/pipedrive, HTTP Basic auth):",
     ]
     click.echo("\n".join(lines))
+    if skip_pipedrive:
+        click.echo("  skipped (--skip-pipedrive)")
+        return
+
+    user = os.environ.get("PIPEDRIVE_WEBHOOK_USER", "")
+    password = os.environ.get("PIPEDRIVE_WEBHOOK_PASSWORD", "")
+    if not user or not password:
+        raise click.ClickException(
+            "set PIPEDRIVE_WEBHOOK_USER and PIPEDRIVE_WEBHOOK_PASSWORD (the web process needs "
+            "the same values) before registering Pipedrive's webhooks"
+        )
+    url = f"{base}/webhooks/pipedrive"
+    click.echo("\n".join(register_pipedrive_webhooks(url, user, password)))
 
 
 # -- simulate --------------------------------------------------------------------------

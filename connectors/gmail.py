@@ -38,7 +38,8 @@ def _reasons(exc: HttpError) -> set[str]:
     return {item.get("reason", "") for item in error.get("errors") or [] if isinstance(item, dict)}
 
 
-def _classify(exc: Exception, what: str) -> VendorError:
+def classify(exc: Exception, what: str, vendor: str = VENDOR, write: bool = False) -> VendorError:
+    """A Google client error as a VendorError; Calendar shares Gmail's rules."""
     if isinstance(exc, HttpError):
         status = exc.resp.status
         body = (exc.content or b"").decode("utf-8", "replace")
@@ -50,19 +51,29 @@ def _classify(exc: Exception, what: str) -> VendorError:
             "request_id": request_id,
             "retry_after": float(retry_after) if retry_after and retry_after.isdigit() else None,
         }
-        if status == 429 or status >= 500 or (status == 403 and _reasons(exc) & THROTTLE_REASONS):
-            return TransientVendorError(VENDOR, f"{what} answered {status}", **kwargs)
-        return PermanentVendorError(VENDOR, f"{what} answered {status}", **kwargs)
+        if status >= 500:
+            # The write may have been done before the server failed.
+            return TransientVendorError(
+                vendor, f"{what} answered {status}", ambiguous=write, **kwargs
+            )
+        if status == 429 or (status == 403 and _reasons(exc) & THROTTLE_REASONS):
+            return TransientVendorError(vendor, f"{what} answered {status}", **kwargs)
+        return PermanentVendorError(vendor, f"{what} answered {status}", **kwargs)
     if isinstance(exc, RefreshError) and getattr(exc, "retryable", False):
-        return TransientVendorError(VENDOR, f"{what}: the token endpoint failed; will retry")
+        return TransientVendorError(vendor, f"{what}: the token endpoint failed; will retry")
     if isinstance(exc, RefreshError):
         # invalid_grant stays until someone authorises the app again.
         return PermanentVendorError(
-            VENDOR,
+            vendor,
             f"{what}: the Google refresh token was refused ({exc.args[0]}); "
             "run the OAuth consent again and set GOOGLE_REFRESH_TOKEN",
         )
-    return TransientVendorError(VENDOR, f"{what}: {exc.__class__.__name__}")
+    # A transport error (a timeout, a reset) after a write was sent leaves it unknown.
+    return TransientVendorError(vendor, f"{what}: {exc.__class__.__name__}", ambiguous=write)
+
+
+# The earlier private name, which tests/test_connectors.py imports.
+_classify = classify
 
 
 def build_message(
@@ -118,7 +129,7 @@ class GmailClient:
             client_options=options,
         )
 
-    def _execute(self, request: Any, what: str) -> dict[str, Any]:
+    def _execute(self, request: Any, what: str, write: bool = False) -> dict[str, Any]:
         def attempt() -> dict[str, Any]:
             try:
                 return request.execute(num_retries=0)
@@ -129,7 +140,7 @@ class GmailClient:
                 OSError,
                 httplib2.HttpLib2Error,
             ) as exc:
-                raise _classify(exc, what) from exc
+                raise classify(exc, what, write=write) from exc
 
         return call_with_retry(attempt, self._retry, what=what)
 
@@ -139,7 +150,7 @@ class GmailClient:
         if thread_id:
             body["threadId"] = thread_id
         request = self._service.users().messages().send(userId=self._user, body=body)
-        return self._execute(request, "send message")
+        return self._execute(request, "send message", write=True)
 
     def find_by_message_id(self, message_id: str) -> dict[str, Any] | None:
         """The sent message with this Message-ID header, if Gmail has it."""

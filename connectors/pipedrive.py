@@ -32,7 +32,9 @@ def _retry_after(headers: Any) -> float | None:
     return None
 
 
-def _error_for(status: int, body: str, headers: Any, what: str) -> VendorError:
+def _error_for(
+    status: int, body: str, headers: Any, what: str, write: bool = False
+) -> VendorError:
     request_id = headers.get("x-request-id") if headers is not None else None
     kwargs = {"status": status, "body": body, "request_id": request_id}
     if status == 429:
@@ -41,7 +43,8 @@ def _error_for(status: int, body: str, headers: Any, what: str) -> VendorError:
         )
     if status >= 500:
         # Rate-limit headers ride on every answer; on a 5xx they say nothing about when.
-        return TransientVendorError(VENDOR, f"{what} answered {status}", **kwargs)
+        # A 5xx to a write may come after the write was done.
+        return TransientVendorError(VENDOR, f"{what} answered {status}", ambiguous=write, **kwargs)
     return PermanentVendorError(VENDOR, f"{what} answered {status}", **kwargs)
 
 
@@ -65,20 +68,29 @@ class PipedriveClient:
     # -- transport ---------------------------------------------------------------------
 
     def _send_v2(self, method: str, path: str, what: str, **kwargs: Any) -> dict[str, Any]:
+        return self._send(method, f"{self._base}/api/v2{path}", what, **kwargs)
+
+    def _send(self, method: str, url: str, what: str, **kwargs: Any) -> dict[str, Any]:
+        write = method.upper() not in ("GET", "HEAD")
         try:
-            response = self._http.request(
-                method, f"{self._base}/api/v2{path}", timeout=self._timeout, **kwargs
-            )
+            response = self._http.request(method, url, timeout=self._timeout, **kwargs)
         except requests.RequestException as exc:
-            raise TransientVendorError(VENDOR, f"{what}: {exc.__class__.__name__}") from exc
+            # Only a connection never made is sure not to have reached Pipedrive.
+            sent = not isinstance(exc, requests.ConnectTimeout)
+            raise TransientVendorError(
+                VENDOR, f"{what}: {exc.__class__.__name__}", ambiguous=write and sent
+            ) from exc
         if not response.ok:
-            raise _error_for(response.status_code, response.text, response.headers, what)
+            raise _error_for(response.status_code, response.text, response.headers, what, write)
         try:
             return response.json()
         except ValueError:
             # A proxy's error page with a 200 is still not an answer.
             raise TransientVendorError(
-                VENDOR, f"{what}: the answer was not JSON", status=response.status_code
+                VENDOR,
+                f"{what}: the answer was not JSON",
+                status=response.status_code,
+                ambiguous=write,
             ) from None
 
     def _v2(self, method: str, path: str, what: str, **kwargs: Any) -> dict[str, Any]:
@@ -86,21 +98,32 @@ class PipedriveClient:
             lambda: self._send_v2(method, path, what, **kwargs), self._retry, what=what
         )
 
-    def _send_v1(self, call: Callable[..., Any], what: str, *args: Any) -> dict[str, Any]:
+    def _send_v1(
+        self, call: Callable[..., Any], what: str, *args: Any, write: bool = False
+    ) -> dict[str, Any]:
         try:
             result = call(*args, timeout=self._timeout)
         except pipedrive.exceptions.BaseError as exc:
             response = exc.response
-            raise _error_for(response.status_code, response.text, response.headers, what) from exc
+            raise _error_for(
+                response.status_code, response.text, response.headers, what, write
+            ) from exc
         except requests.RequestException as exc:
-            raise TransientVendorError(VENDOR, f"{what}: {exc.__class__.__name__}") from exc
+            sent = not isinstance(exc, requests.ConnectTimeout)
+            raise TransientVendorError(
+                VENDOR, f"{what}: {exc.__class__.__name__}", ambiguous=write and sent
+            ) from exc
         if not isinstance(result, dict):
             # The library hands back a non-JSON body (a proxy's 502 page) as the result.
-            raise TransientVendorError(VENDOR, f"{what}: the answer was not JSON")
+            raise TransientVendorError(VENDOR, f"{what}: the answer was not JSON", ambiguous=write)
         return result
 
-    def _v1_call(self, call: Callable[..., Any], what: str, *args: Any) -> dict[str, Any]:
-        return call_with_retry(lambda: self._send_v1(call, what, *args), self._retry, what=what)
+    def _v1_call(
+        self, call: Callable[..., Any], what: str, *args: Any, write: bool = False
+    ) -> dict[str, Any]:
+        return call_with_retry(
+            lambda: self._send_v1(call, what, *args, write=write), self._retry, what=what
+        )
 
     def _cached(self, key: str, load: Callable[[], Any]) -> Any:
         hit = self._cache.get(key)
@@ -156,6 +179,18 @@ class PipedriveClient:
             return pipeline["id"], stage["id"]
 
         return self._cached(f"stage:{pipeline_name}:{stage_name}", load)
+
+    def pipeline_id(self, pipeline_name: str) -> int:
+        """The id of the pipeline config.yaml names."""
+
+        def load() -> int:
+            pipelines = self._list_v2("/pipelines", "list pipelines")
+            pipeline = next((p for p in pipelines if p["name"] == pipeline_name), None)
+            if pipeline is None:
+                raise PermanentVendorError(VENDOR, f"no pipeline named {pipeline_name!r}")
+            return pipeline["id"]
+
+        return self._cached(f"pipeline:{pipeline_name}", load)
 
     def deal_fields(self) -> dict[str, dict[str, Any]]:
         """Deal fields by their name, each with field_code, field_type and options."""
@@ -220,9 +255,54 @@ class PipedriveClient:
     def add_note(self, deal_id: int, content: str) -> dict[str, Any]:
         """POST /v1/notes pinned to the deal."""
         body = {"deal_id": deal_id, "content": content, "pinned_to_deal_flag": 1}
-        return self._v1_call(self._v1.notes.create_note, "add note", body)["data"]
+        return self._v1_call(self._v1.notes.create_note, "add note", body, write=True)["data"]
 
     def find_note(self, deal_id: int, marker: str) -> dict[str, Any] | None:
         """A note on the deal whose content holds the marker."""
         answer = self._v1_call(self._v1.notes.get_all_notes, "list notes", {"deal_id": deal_id})
         return next((n for n in answer.get("data") or [] if marker in n.get("content", "")), None)
+
+    def get_deal(self, deal_id: int) -> dict[str, Any]:
+        """GET /api/v2/deals/{id}."""
+        return self._v2("GET", f"/deals/{deal_id}", "get deal")["data"]
+
+    def update_deal(self, deal_id: int, fields: dict[str, Any]) -> dict[str, Any]:
+        """PATCH /api/v2/deals/{id} with only the fields to change."""
+        return self._v2("PATCH", f"/deals/{deal_id}", "update deal", json=fields)["data"]
+
+    def get_person(self, person_id: int) -> dict[str, Any]:
+        """GET /api/v2/persons/{id}."""
+        return self._v2("GET", f"/persons/{person_id}", "get person")["data"]
+
+    # -- activities --------------------------------------------------------------------
+
+    def create_activity(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """POST /api/v2/activities."""
+        return self._v2("POST", "/activities", "create activity", json=fields)["data"]
+
+    def find_activity(self, deal_id: int, marker: str) -> dict[str, Any] | None:
+        """An activity of the deal whose note holds the marker."""
+        activities = self._list_v2("/activities", "list activities", {"deal_id": deal_id})
+        return next((a for a in activities if marker in (a.get("note") or "")), None)
+
+    # -- the token's user and webhooks (v1) --------------------------------------------
+
+    def me(self) -> dict[str, Any]:
+        """The user the API token belongs to (v1 users/me), cached."""
+        return self._cached(
+            "me", lambda: self._v1_call(self._v1.users.get_me, "get own user")["data"]
+        )
+
+    def list_webhooks(self) -> list[dict[str, Any]]:
+        """Every webhook subscription of the company (v1 webhooks)."""
+        answer = self._v1_call(self._v1.webhooks.get_hooks_subscription, "list webhooks")
+        return answer.get("data") or []
+
+    def create_webhook(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/webhooks with a `name`, which the library's own call cannot send."""
+        url = f"{self._base}/v1/webhooks"
+        return call_with_retry(
+            lambda: self._send("POST", url, "create webhook", json=fields),
+            self._retry,
+            what="create webhook",
+        )["data"]

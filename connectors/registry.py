@@ -2,6 +2,7 @@
 
 import functools
 
+from connectors.calendar import CalendarClient
 from connectors.errors import FlowAbort
 from connectors.facebook import GraphClient
 from connectors.gmail import GmailClient
@@ -24,6 +25,13 @@ def gmail() -> GmailClient:
 
 
 @functools.cache
+def calendar() -> CalendarClient:
+    """The Google Calendar client, on the same OAuth grant as Gmail."""
+    current = settings()
+    return CalendarClient(current.google, current.retry)
+
+
+@functools.cache
 def graph() -> GraphClient:
     """The Facebook Graph client."""
     current = settings()
@@ -36,5 +44,6 @@ def reset() -> None:
     """Forget the clients and settings (tests change the environment)."""
     pipedrive.cache_clear()
     gmail.cache_clear()
+    calendar.cache_clear()
     graph.cache_clear()
     settings.cache_clear()

@@ -303,6 +303,10 @@ class Pipedrive(_Strict):
     api_token: str = Field(min_length=1)
     base_url: str = "https://api.pipedrive.com"
     timeout_s: float = Field(default=10.0, gt=0)
+    # HTTP Basic credentials Pipedrive sends with its webhooks; unset refuses every delivery.
+    webhook_user: str = ""
+    webhook_password: str = ""
+    webhook_max_bytes: int = Field(default=1_048_576, gt=0)
 
 
 class Google(_Strict):
@@ -338,6 +342,273 @@ class Facebook(_Strict):
     max_bytes: int = Field(default=1_048_576, gt=0)
 
 
+class EmailAction(_Strict):
+    """An email from the deal's owner to the deal's person."""
+
+    template: str
+    subject: str
+
+    _subject_parses = field_validator("subject")(_parses)
+
+
+class ActivityAction(_Strict):
+    """A Pipedrive activity on the deal for its owner."""
+
+    type: str = "task"
+    subject: str
+    due_in_business_days: int = Field(default=1, ge=0)
+    # HH:MM in the owner's time zone; unset makes an all-day activity.
+    due_time: str | None = None
+    note: str | None = None
+
+    _templates_parse = field_validator("subject", "note")(_parses)
+
+    @field_validator("due_time")
+    @classmethod
+    def _clock(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
+            raise ValueError(f"expected a time such as 10:00, got {value!r}")
+        return value
+
+
+class CalendarAction(_Strict):
+    """A reminder in the deal owner's Google Calendar."""
+
+    summary: str
+    description: str | None = None
+    in_business_days: int = Field(default=1, ge=0)
+    at: str = "09:00"
+    duration_minutes: int = Field(default=30, gt=0, le=1440)
+
+    _templates_parse = field_validator("summary", "description")(_parses)
+
+    @field_validator("at")
+    @classmethod
+    def _clock(cls, value: str) -> str:
+        if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
+            raise ValueError(f"expected a time such as 10:00, got {value!r}")
+        return value
+
+
+class TriggerAction(_Strict):
+    """One thing to do when a trigger fires; exactly one key is set."""
+
+    email: EmailAction | None = None
+    activity: ActivityAction | None = None
+    calendar_reminder: CalendarAction | None = None
+    start_sequence: str | None = Field(default=None, min_length=1)
+    stop_sequences: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "TriggerAction":
+        # Counted by value, not by the keys given: a dumped and re-read config has them all.
+        if sum(value is not None for value in self.__dict__.values()) != 1:
+            raise ValueError(
+                "each action has exactly one of email, activity, calendar_reminder, "
+                "start_sequence, stop_sequences"
+            )
+        if self.stop_sequences is False:
+            raise ValueError("stop_sequences: write `stop_sequences: true` or leave it out")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """The action's key in config.yaml."""
+        return next(key for key, value in self.__dict__.items() if value is not None)
+
+
+class Trigger(_Strict):
+    """Actions to run when a deal enters a stage, or is won or lost."""
+
+    name: str = Field(min_length=1)
+    pipeline: str | None = None
+    stage: str | None = None
+    status: Literal["won", "lost"] | None = None
+    actions: list[TriggerAction] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_condition(self) -> "Trigger":
+        if (self.stage is None) == (self.status is None):
+            raise ValueError(f"trigger {self.name!r} needs exactly one of `stage` or `status`")
+        if self.stage is not None and self.pipeline is None:
+            raise ValueError(f"trigger {self.name!r} names a stage: give its `pipeline` too")
+        return self
+
+
+class FollowUp(_Strict):
+    """Stage triggers: what happens when a deal moves."""
+
+    triggers: list[Trigger] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "FollowUp":
+        names = [trigger.name for trigger in self.triggers]
+        if len(set(names)) != len(names):
+            raise ValueError("two triggers share a name; the name keys their side effects")
+        return self
+
+
+_DELAY = re.compile(
+    r"^\s*(\d+)\s*(minutes?|hours?|days?|business[ _]days?|weeks?)\s*$", re.IGNORECASE
+)
+_DELAY_UNITS = {
+    "minute": "minutes",
+    "hour": "hours",
+    "day": "days",
+    "business day": "business_days",
+    "business_day": "business_days",
+    "week": "weeks",
+}
+SEQUENCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+
+
+def parse_delay(spec: str) -> tuple[int, str]:
+    """'3 business days' -> (3, 'business_days'); minutes, hours, days and weeks too."""
+    match = _DELAY.match(spec)
+    if not match:
+        raise ValueError(
+            f"expected a delay such as 90 minutes, 4 hours, 3 business days or 2 weeks, "
+            f"got {spec!r}"
+        )
+    unit = match.group(2).lower().rstrip("s")
+    return int(match.group(1)), _DELAY_UNITS[unit]
+
+
+class SendingWindow(_Strict):
+    """When sequence steps may go out: a time zone, hours per weekday, holidays."""
+
+    # "lead" (from the person's phone number, else the owner's zone), "rep", or an IANA zone.
+    timezone: str = "lead"
+    # Days -> hours in that zone, e.g. {"mon-fri": "09:00-17:00"}; other days are closed.
+    hours: dict[str, str] = Field(default_factory=lambda: {"mon-fri": "09:00-17:00"})
+    holidays: list[date] = Field(default_factory=list)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        if value in ("lead", "rep"):
+            return value
+        return Rep._known_zone(value)
+
+    @field_validator("hours")
+    @classmethod
+    def _valid_hours(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("a sending window needs at least one day, e.g. mon-fri: 09:00-17:00")
+        for days, hours in value.items():
+            _weekdays(days)
+            start, end = _hours(hours)
+            if start >= end:
+                raise ValueError(f"{days}: the window {hours!r} ends before it starts")
+        return value
+
+    def opening_hours(self) -> dict[int, tuple[time, time]]:
+        """Weekday (Monday 0) -> the open hours that day."""
+        return {
+            day: _hours(hours) for days, hours in self.hours.items() for day in _weekdays(days)
+        }
+
+
+class SequenceStep(_Strict):
+    """One touch of a sequence: wait, then send an email in the thread or give the rep a task."""
+
+    delay: str = "0 minutes"
+    action: Literal["email", "task"]
+    # email: templates/email/sequence_<template>.txt.j2 and .html.j2
+    template: str | None = None
+    # email: the subject of the sequence's first email (later ones reply in its thread);
+    # task: the activity's subject.
+    subject: str | None = None
+    # task: the Pipedrive activity type key and when it is due, in business days.
+    task_type: str = "task"
+    due_in_business_days: int = Field(default=0, ge=0)
+
+    _subject_parses = field_validator("subject")(_parses)
+
+    @field_validator("delay")
+    @classmethod
+    def _valid_delay(cls, value: str) -> str:
+        parse_delay(value)
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _template_exists(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        folder = Path(__file__).resolve().parent.parent / "templates" / "email"
+        for suffix in ("txt", "html"):
+            if not (folder / f"sequence_{value}.{suffix}.j2").is_file():
+                raise ValueError(f"templates/email/sequence_{value}.{suffix}.j2 does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _action_fields(self) -> "SequenceStep":
+        if self.action == "email" and self.template is None:
+            raise ValueError("an email step needs a `template`")
+        if self.action == "task" and not self.subject:
+            raise ValueError("a task step needs a `subject`")
+        return self
+
+
+class Sequence(_Strict):
+    """Timed touches for one deal's person; it stops when the lead replies or the deal moves."""
+
+    steps: list[SequenceStep] = Field(min_length=1)
+    window: SendingWindow = SendingWindow()
+
+    @model_validator(mode="after")
+    def _threaded_subjects(self) -> "Sequence":
+        emails = [step for step in self.steps if step.action == "email"]
+        if emails and not emails[0].subject:
+            raise ValueError("the first email step needs a `subject`: it opens the thread")
+        if any(step.subject for step in emails[1:]):
+            # Gmail threads a reply only when its subject matches the thread's.
+            raise ValueError(
+                "only the first email step has a `subject`; later emails reply in its thread"
+            )
+        return self
+
+
+class Dashboard(_Strict):
+    """Who may sign in to /dashboard, and the time zone its days are counted in."""
+
+    # User name -> a werkzeug.security password hash (generate_password_hash).
+    users: dict[str, str] = Field(default_factory=dict)
+    timezone: str = "UTC"
+
+    @field_validator("users")
+    @classmethod
+    def _hashes(cls, value: dict[str, str]) -> dict[str, str]:
+        for user, hashed in value.items():
+            method, *rest = hashed.split("$")
+            if len(rest) != 2 or not method.startswith(("scrypt", "pbkdf2")):
+                raise ValueError(
+                    f"{user!r}: expected a hash from werkzeug.security.generate_password_hash "
+                    "(scrypt:... or pbkdf2:...), not a password"
+                )
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"expected an IANA time zone such as Europe/Berlin, got {value!r}"
+            ) from None
+        return value
+
+
+class Unsubscribe(_Strict):
+    """The signed unsubscribe link every sequence email carries."""
+
+    secret: str = Field(min_length=16)
+    # The deployment's public URL; links point to <base_url>/unsubscribe/<token>.
+    base_url: str = Field(pattern=r"^https?://")
+
+
 class Settings(_Strict):
     """The whole of config.yaml."""
 
@@ -351,6 +622,11 @@ class Settings(_Strict):
     reps: list[Rep] = Field(min_length=1)
     assignment: Assignment = Assignment()
     lead_capture: LeadCapture
+    follow_up: FollowUp = FollowUp()
+    # Sequence name -> its steps and sending window.
+    sequences: dict[str, Sequence] = Field(default_factory=dict)
+    unsubscribe: Unsubscribe | None = None
+    dashboard: Dashboard = Dashboard()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Proxies in front of the web (Heroku and Render: one) whose X-Forwarded-For we trust.
     trusted_proxies: int = Field(default=1, ge=0)
@@ -377,6 +653,28 @@ class Settings(_Strict):
             raise ValueError(f"assignment.fallback_owner: no rep with id {fallback!r}")
         if self.lead_capture.sources.facebook and self.facebook is None:
             raise ValueError("lead_capture.sources.facebook needs the `facebook` section")
+        return self
+
+    @model_validator(mode="after")
+    def _sequences_fit(self) -> "Settings":
+        for name, sequence in self.sequences.items():
+            if not SEQUENCE_NAME.match(name):
+                raise ValueError(
+                    f"sequences: {name!r} is not a valid name; use up to 40 lowercase letters, "
+                    "digits, - and _"
+                )
+            if self.unsubscribe is None and any(s.action == "email" for s in sequence.steps):
+                raise ValueError(
+                    f"sequences.{name} sends emails: set `unsubscribe.secret` and "
+                    "`unsubscribe.base_url` so each one carries an unsubscribe link"
+                )
+        for trigger in self.follow_up.triggers:
+            for action in trigger.actions:
+                if action.start_sequence and action.start_sequence not in self.sequences:
+                    raise ValueError(
+                        f"follow_up.triggers: {trigger.name!r} starts a sequence "
+                        f"{action.start_sequence!r} that `sequences` does not define"
+                    )
         return self
 
     def pools(self) -> dict[str, Pool]:

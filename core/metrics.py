@@ -2,13 +2,19 @@
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import redis
 from prometheus_client import REGISTRY, Counter, Histogram
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from rq.job import Job
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from core import queue
+from core.store import FlowRun, session
 
 logger = logging.getLogger(__name__)
 
@@ -76,4 +82,87 @@ class SpeedToLeadCollector(Collector):
         yield family
 
 
+@dataclass(frozen=True)
+class QueueStats:
+    """The flows queue at one moment: jobs per state and the oldest waiting job's age."""
+
+    queued: int
+    scheduled: int
+    started: int
+    failed: int
+    deferred: int
+    oldest_queued_age_s: float | None
+
+
+def queue_stats() -> QueueStats:
+    """Read the flows queue's depth and registries from Redis (raises RedisError)."""
+    flows = queue.queue()
+    oldest: float | None = None
+    first = flows.get_job_ids(0, 0)
+    job = Job.fetch(first[0], connection=flows.connection) if first else None
+    if job is not None and job.enqueued_at is not None:
+        enqueued = job.enqueued_at
+        enqueued = enqueued if enqueued.tzinfo else enqueued.replace(tzinfo=UTC)
+        oldest = max((datetime.now(UTC) - enqueued).total_seconds(), 0.0)
+    return QueueStats(
+        queued=flows.count,
+        scheduled=flows.scheduled_job_registry.count,
+        started=flows.started_job_registry.count,
+        failed=flows.failed_job_registry.count,
+        deferred=flows.deferred_job_registry.count,
+        oldest_queued_age_s=oldest,
+    )
+
+
+def failed_runs() -> int:
+    """Flow runs that ended failed and wait for a fix and a replay."""
+    with session() as db:
+        return db.scalar(select(func.count()).where(FlowRun.status == "failed")) or 0
+
+
+class QueueCollector(Collector):
+    """Queue depth, oldest waiting job and failed runs, read at scrape time."""
+
+    def collect(self) -> Iterator[Metric]:
+        """Gauges from Redis and the store; a source that does not answer is left out."""
+        try:
+            stats = queue_stats()
+        except (redis.RedisError, RuntimeError) as exc:
+            logger.warning("queue gauges not read error=%s", exc.__class__.__name__)
+        else:
+            yield from _queue_gauges(stats)
+        try:
+            count = failed_runs()
+        except SQLAlchemyError as exc:
+            logger.warning("failed runs not counted error=%s", exc.__class__.__name__)
+        else:
+            yield GaugeMetricFamily(
+                "salesflow_failed_runs", "Flow runs that ended failed (replayable).", value=count
+            )
+
+
+def _queue_gauges(stats: QueueStats) -> Iterator[Metric]:
+    depth = GaugeMetricFamily(
+        "salesflow_queue_depth", "Jobs waiting in the queue.", labels=["queue"]
+    )
+    depth.add_metric([queue.QUEUE_NAME], stats.queued)
+    yield depth
+    jobs = GaugeMetricFamily(
+        "salesflow_queue_jobs",
+        "Jobs in each of the queue's registries.",
+        labels=["queue", "state"],
+    )
+    for state in ("scheduled", "started", "failed", "deferred"):
+        jobs.add_metric([queue.QUEUE_NAME, state], getattr(stats, state))
+    yield jobs
+    oldest = GaugeMetricFamily(
+        "salesflow_queue_oldest_job_age_seconds",
+        "Age of the oldest job waiting in the queue; 0 when none waits.",
+        labels=["queue"],
+    )
+    oldest.add_metric([queue.QUEUE_NAME], stats.oldest_queued_age_s or 0.0)
+    yield oldest
+
+
 REGISTRY.register(SpeedToLeadCollector())
+REGISTRY.register(QueueCollector())

@@ -130,6 +130,72 @@ class Counter(Base):
     value: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class Enrollment(Base):
+    """One deal's person in one sequence: where it stands and the thread it writes in."""
+
+    __tablename__ = "sequence_enrollments"
+    __table_args__ = (UniqueConstraint("deal_id", "sequence"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # Random: it makes Message-IDs unique across deployments and databases.
+    token: Mapped[str] = mapped_column(String(32), unique=True, default=new_id)
+    sequence: Mapped[str] = mapped_column(String(40))
+    deal_id: Mapped[int] = mapped_column(Integer, index=True)
+    # The event that started it; each step's run is recorded under it.
+    event_id: Mapped[str] = mapped_column(ForeignKey("events.id"), index=True)
+    person_id: Mapped[int | None] = mapped_column(Integer)
+    owner_id: Mapped[int] = mapped_column(Integer)
+    email: Mapped[str | None] = mapped_column(String(320))
+    email_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    name: Mapped[str | None] = mapped_column(String(255))
+    timezone: Mapped[str] = mapped_column(String(64))
+    pipeline_id: Mapped[int | None] = mapped_column(Integer)
+    stage_id: Mapped[int | None] = mapped_column(Integer)
+    stage_order: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    stop_reason: Mapped[str | None] = mapped_column(Text)
+    next_step: Mapped[int] = mapped_column(Integer, default=0)
+    thread_id: Mapped[str | None] = mapped_column(String(64))
+    subject: Mapped[str | None] = mapped_column(Text)
+    # RFC 5322 Message-IDs of our emails, oldest first (the References chain).
+    message_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # Gmail ids of our emails, to tell the lead's messages in the thread from ours.
+    sent_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class SequenceStepRun(Base):
+    """One step of one enrollment: when it is due, who claimed it, how it ended."""
+
+    __tablename__ = "sequence_step_runs"
+    __table_args__ = (UniqueConstraint("enrollment_id", "step_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    enrollment_id: Mapped[int] = mapped_column(ForeignKey("sequence_enrollments.id"), index=True)
+    step_index: Mapped[int] = mapped_column(Integer)
+    # scheduled, running, parked, done, stopped, cancelled, failed
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    due_at: Mapped[datetime] = mapped_column(index=True)
+    claimed_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class OptOut(Base):
+    """An address that unsubscribed; kept as a hash of the normalised address."""
+
+    __tablename__ = "opt_outs"
+
+    email_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    source: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 def database_url() -> str:
     """DATABASE_URL, or a SQLite file under instance/ when it is unset."""
     url = os.environ.get("DATABASE_URL", "")

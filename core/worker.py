@@ -1,35 +1,121 @@
-"""The RQ worker class: a forking worker that also requeues stranded events."""
+"""The RQ worker classes: a forking worker that warms connectors once and sweeps stranded work."""
 
 import logging
+import time
 from typing import Any
 
-from rq.worker import Worker
+from rq.defaults import DEFAULT_MAINTENANCE_TASK_INTERVAL, DEFAULT_WORKER_TTL
+from rq.worker import SimpleWorker, Worker
 
 # Imported here so that each forked work-horse inherits the flow modules instead of
 # importing them again for every job.
 import flows.dispatch  # noqa: E402,F401
+from connectors import registry
 from core import logs
 from core.config import settings
 from core.recovery import requeue_stranded
+from core.templates import _files
+from flows.sequences import requeue_due_steps
 
 logger = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 30
+# The idle worker blocks on Redis for worker_ttl - 15 s between maintenance runs: 45 keeps
+# the sweep at about every 30 s even when no job arrives (and after Redis comes back empty).
+WORKER_TTL_S = 45
+# Warm again a little before the Pipedrive lookup cache (600 s) and the Google token (1 h)
+# run out, so the work-horses inherit fresh ones instead of each fetching its own.
+REWARM_INTERVAL_S = 300
+
+
+def warm_up() -> None:
+    """Build the connectors and fill their caches so that every forked work-horse inherits them.
+
+    A forked work-horse starts from a copy of this process: what is built here (HTTP
+    sessions, Pipedrive users, stages and deal fields, the Google access token, compiled
+    email templates) is not fetched again per job. A vendor that is down only costs the
+    warm-up: the horses then fetch what they need themselves.
+    """
+    current = settings()
+    started = time.perf_counter()
+    try:
+        pipedrive = registry.pipedrive()
+        pipedrive.active_user_ids()
+        pipedrive.deal_fields()
+        capture = current.lead_capture
+        pipedrive.stage_ids(capture.pipeline, capture.stage)
+        # A read-only call makes the Gmail client refresh its access token now.
+        registry.gmail().find_by_message_id("<warm-up@salesflow.invalid>")
+    except Exception as exc:
+        logger.warning("warm-up incomplete error=%s", exc.__class__.__name__)
+    env = _files()
+    for name in env.list_templates(extensions=["j2"]):
+        env.get_template(name)
+    _close_connections()
+    logger.info("connectors warmed ms=%d", (time.perf_counter() - started) * 1000)
+
+
+def _close_connections() -> None:
+    # Kept-alive sockets must not be shared between the parent and its horses: each horse
+    # opens its own connection on first use and the parent keeps none.
+    registry.pipedrive()._http.close()
+    service = registry.gmail()._service
+    http = getattr(getattr(service, "_http", None), "http", None)
+    for connection in getattr(http, "connections", {}).values():
+        connection.close()
+    if http is not None:
+        http.connections.clear()
+
+
+def _our_defaults(kwargs: dict[str, Any]) -> None:
+    # `rq worker` passes its own defaults explicitly: replace those, keep deliberate flags.
+    for key, rq_default, ours in (
+        ("maintenance_interval", DEFAULT_MAINTENANCE_TASK_INTERVAL, SWEEP_INTERVAL_S),
+        ("worker_ttl", DEFAULT_WORKER_TTL, WORKER_TTL_S),
+        ("default_worker_ttl", DEFAULT_WORKER_TTL, WORKER_TTL_S),
+    ):
+        if kwargs.get(key) in (None, rq_default):
+            kwargs[key] = ours
 
 
 class FlowWorker(Worker):
-    """rq's forking Worker plus a sweep for stored-but-unqueued work every 30 s."""
+    """rq's forking Worker: connectors warmed once in the parent, a sweep every 30 s."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("maintenance_interval", SWEEP_INTERVAL_S)
+        _our_defaults(kwargs)
         super().__init__(*args, **kwargs)
         logs.configure(settings().log_level)
+        warm_up()
+        self._warmed_at = time.monotonic()
+
+    def run_maintenance_tasks(self) -> None:
+        """RQ's registry clean-up, then the sweep, then a fresh warm-up when due."""
+        super().run_maintenance_tasks()
+        try:
+            requeue_stranded()
+            requeue_due_steps()
+        except Exception as exc:
+            # The sweep must never take the worker down; the next interval tries again.
+            logger.error("sweep failed error=%s", logs.safe_traceback(exc))
+        if time.monotonic() - self._warmed_at > REWARM_INTERVAL_S:
+            warm_up()
+            self._warmed_at = time.monotonic()
+
+
+class InProcessFlowWorker(SimpleWorker):
+    """Runs jobs in the worker process itself (no fork): for measuring what forking costs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _our_defaults(kwargs)
+        super().__init__(*args, **kwargs)
+        logs.configure(settings().log_level)
+        warm_up()
 
     def run_maintenance_tasks(self) -> None:
         """RQ's registry clean-up, then the sweep."""
         super().run_maintenance_tasks()
         try:
             requeue_stranded()
-        except Exception:
-            # The sweep must never take the worker down; the next interval tries again.
-            logger.exception("sweep failed")
+            requeue_due_steps()
+        except Exception as exc:
+            logger.error("sweep failed error=%s", logs.safe_traceback(exc))

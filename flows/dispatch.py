@@ -5,7 +5,7 @@ import logging
 from rq import get_current_job
 
 from core.store import Event, session
-from flows import lead_capture
+from flows import follow_up, lead_capture
 
 logger = logging.getLogger(__name__)
 
@@ -14,6 +14,7 @@ FLOWS_BY_SOURCE = {
     "form": lead_capture.run,
     "browser_form": lead_capture.run,
     "facebook": lead_capture.run,
+    "pipedrive": follow_up.run,
 }
 
 

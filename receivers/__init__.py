@@ -5,4 +5,4 @@ from flask import Blueprint
 webhooks = Blueprint("webhooks", __name__, url_prefix="/webhooks")
 
 # Route modules register themselves on the blueprint.
-from receivers import browser_form, facebook, form, typeform  # noqa: E402,F401
+from receivers import browser_form, facebook, form, pipedrive, typeform  # noqa: E402,F401

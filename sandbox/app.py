@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from sandbox import facebook, google, pipedrive
+from sandbox import docusign, facebook, google, pipedrive
 from sandbox.state import EXTENSION_KEY, SandboxState, current_state
 from sandbox.vendor import VendorEmulator
 
@@ -25,7 +25,7 @@ def create_sandbox_app(seed: bool = True) -> Flask:
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     app.json.sort_keys = False  # type: ignore[attr-defined]
     emulators: list[VendorEmulator] = [
-        pipedrive.from_env(), google.from_env(), facebook.from_env(),
+        pipedrive.from_env(), google.from_env(), facebook.from_env(), docusign.from_env(),
     ]  # fmt: skip
     app.extensions[EXTENSION_KEY] = SandboxState(emulators, seed=seed)
     for emulator in emulators:

@@ -13,7 +13,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 FAULT_KINDS = ("429", "500", "502", "503", "delay", "timeout", "graph_throttle")
-VENDOR_NAMES = ("pipedrive", "google", "facebook", "*")
+VENDOR_NAMES = ("pipedrive", "google", "facebook", "docusign", "*")
 # Graph API throttling codes: app (4), user (17), page (32) and per-API (613) limits.
 GRAPH_THROTTLE_CODES = (4, 17, 32, 613)
 DEFAULT_DELAY_MS = 1000

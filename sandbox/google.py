@@ -1,4 +1,4 @@
-"""Google emulator: OAuth token endpoint, Gmail v1 messages and threads, Calendar v3 events."""
+"""Google emulator: OAuth token, Gmail v1, Calendar v3; Drive v3 and Docs v1 in google_docs."""
 
 from __future__ import annotations
 
@@ -141,6 +141,8 @@ class GoogleStore(VendorStore):
         self.history_id = 4120
         # calendar id -> event id -> event, as events.insert stored it
         self.calendars: dict[str, dict[str, dict[str, Any]]] = {}
+        # Drive file id -> file; Docs files keep their paragraphs as lines (google_docs.py).
+        self.files: dict[str, dict[str, Any]] = google_docs.seed_files() if seed else {}
 
     def snapshot(self) -> dict[str, Any]:
         """Return tokens issued and every stored message with its decoded headers and parts."""
@@ -158,6 +160,7 @@ class GoogleStore(VendorStore):
                     for calendar_id, events in self.calendars.items()
                 }
             },
+            "drive": {"files": copy.deepcopy(list(self.files.values()))},
         }
 
 
@@ -1074,3 +1077,8 @@ def list_events(calendar_id: str) -> Response:
         body["nextPageToken"] = str(offset + max_results)
     body["items"] = found[offset : offset + max_results]
     return jsonify(body)
+
+
+# Drive v3 and Docs v1 live in their own module and register on `bp`; imported last because it
+# imports this module's names.
+from sandbox import google_docs  # noqa: E402

@@ -22,9 +22,13 @@ DEFAULT_CONFIG: dict[str, int] = {
     "google_token_expires_in": 3599,
     # Pipedrive retries a failed webhook after 3, 30 and 150 s; tests scale that down.
     "pipedrive_webhook_retry_percent": 100,
+    "docusign_token_expires_in": 3600,
+    # DocuSign's account-wide budget: 3,000 eSignature calls an hour.
+    "docusign_hourly_limit": 3000,
+    "docusign_connect_retry_percent": 100,
 }
 # Settings that must stay above zero: a token that expires at once would make every call 401.
-_POSITIVE_SETTINGS = {"google_token_expires_in"}
+_POSITIVE_SETTINGS = {"google_token_expires_in", "docusign_token_expires_in"}
 
 StoreT = TypeVar("StoreT", bound=VendorStore)
 

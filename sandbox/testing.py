@@ -129,6 +129,23 @@ class SandboxServer:
         result: list[dict[str, Any]] = self._control("GET", "/pipedrive/deliveries")
         return result
 
+    def docusign_connect(self, **settings: Any) -> dict[str, Any]:
+        """Point Connect at a listener: url, format json|xml, include_documents, keys, events."""
+        return self._control("POST", "/docusign/connect", settings)
+
+    def docusign_consent(self, granted: bool) -> None:
+        """Grant or withdraw the impersonated user's consent to the JWT grant."""
+        self._control("POST", "/docusign/consent", {"granted": granted})
+
+    def docusign_act(self, envelope_id: str, action: str, **body: Any) -> dict[str, Any]:
+        """Move an envelope: action deliver, sign, decline (reason=...) or void (reason=...)."""
+        return self._control("POST", f"/docusign/envelopes/{envelope_id}/{action}", body)
+
+    def docusign_deliveries(self) -> list[dict[str, Any]]:
+        """Return every Connect delivery attempt so far, with headers and raw bodies."""
+        result: list[dict[str, Any]] = self._control("GET", "/docusign/deliveries")
+        return result
+
     def _control(self, method: str, path: str, body: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(

@@ -33,6 +33,7 @@ DEMO_SECRETS = {
     "TYPEFORM_WEBHOOK_SECRET": "demo-typeform-secret",
     "FORM_WEBHOOK_SECRET": "demo-form-secret",
     "ADMIN_TOKEN": "demo-admin-token",
+    "UNSUBSCRIBE_SECRET": "demo-unsubscribe-secret",
 }
 
 
@@ -245,6 +246,8 @@ def main() -> int:
             capture_output=True,
         )
         web = f"http://127.0.0.1:{free_port()}"
+        # Unsubscribe links in sequence emails point at the web process.
+        env.setdefault("PUBLIC_BASE_URL", web)
         start(
             stack,
             "web",

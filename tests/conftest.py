@@ -17,6 +17,10 @@ SECRETS = {
     "TYPEFORM_WEBHOOK_SECRET": "typeform-test-secret",
     "FORM_WEBHOOK_SECRET": "form-test-secret",
     "ADMIN_TOKEN": "admin-test-token",
+    "UNSUBSCRIBE_SECRET": "unsubscribe-test-secret",
+    "PUBLIC_BASE_URL": "https://salesflow.test",
+    "PIPEDRIVE_WEBHOOK_USER": "salesflow",
+    "PIPEDRIVE_WEBHOOK_PASSWORD": "pipedrive-test-password",
 }
 
 

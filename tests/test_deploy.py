@@ -25,7 +25,11 @@ PRODUCT_DIRS = ("core", "receivers", "web", "flows", "connectors", "migrations")
 # Read by the platforms or by the processes' launchers, not by our code.
 # Set by the platform or by the processes themselves (gunicorn.conf.py sets the metrics dir).
 PLATFORM_VARS = {
-    "PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS", "GUNICORN_LOG_LEVEL", "PROMETHEUS_MULTIPROC_DIR"
+    "PORT",
+    "WEB_CONCURRENCY",
+    "GUNICORN_THREADS",
+    "GUNICORN_LOG_LEVEL",
+    "PROMETHEUS_MULTIPROC_DIR",
 }
 
 

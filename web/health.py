@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from core import queue
-from core.metrics import SpeedToLeadCollector
+from core.metrics import QueueCollector, SpeedToLeadCollector
 from core.store import engine
 
 logger = logging.getLogger(__name__)
@@ -46,4 +46,5 @@ def metrics() -> Response:
     multiprocess.MultiProcessCollector(registry)
     # Speed to lead lives in Redis, not in the process files.
     registry.register(SpeedToLeadCollector())
+    registry.register(QueueCollector())
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

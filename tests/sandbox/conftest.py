@@ -76,9 +76,17 @@ class Receiver:
         body = environ["wsgi.input"].read(size)
         with self.arrived:
             status = self.statuses.pop(0) if self.statuses else 200
+            headers = {k[5:].replace("_", "-").title(): v for k, v in environ.items()
+                       if k.startswith("HTTP_")}  # fmt: skip
+            headers["Content-Type"] = environ.get("CONTENT_TYPE", "")
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None  # an XML body: read "raw"
             self.requests.append(
-                {"auth": environ.get("HTTP_AUTHORIZATION"), "body": json.loads(body)}
-            )
+                {"auth": environ.get("HTTP_AUTHORIZATION"), "body": parsed, "raw": body,
+                 "headers": headers}
+            )  # fmt: skip
             self.arrived.notify_all()
         start_response(f"{status} X", [("Content-Type", "text/plain")])
         return [b"ok"]

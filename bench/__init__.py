@@ -1,0 +1,1 @@
+"""Performance benchmarks: `python -m bench` runs them all and prints one table."""

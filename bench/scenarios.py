@@ -1,0 +1,288 @@
+"""The five benchmarks; each returns rows for the table."""
+
+import collections
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from bench import load
+from bench.harness import Bench, children, rss_mb, typeform_deliveries, wait_until
+
+TYPEFORM = "/webhooks/typeform"
+# A rate the web answers with ease, so queueing a backlog takes seconds, not minutes.
+BACKLOG_POST_RATE = 300
+
+
+@dataclass
+class Row:
+    """One line of the table: what ran, what it measured, the target and whether it is met."""
+
+    bench: str
+    case: str
+    result: str
+    target: str = ""
+    met: bool | None = None
+
+
+def _load_row(bench: str, case: str, result: load.LoadResult, **target: Any) -> Row:
+    text = (
+        f"{result.rps:.0f} req/s, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms"
+        f" ({result.ok}/{result.sent} ok, {result.errors} errors)"
+    )
+    return Row(bench, case, text, target.get("text", ""), target.get("met"))
+
+
+# -- 1. ingest -----------------------------------------------------------------------------
+
+
+def ingest(bench: Bench, quick: bool) -> list[Row]:
+    """Signed Typeform webhooks against the product and the bare-Flask floor, same gunicorn."""
+    bench.reset_store()
+    seconds, flat_seconds = (4, 5) if quick else (15, 10)
+    _, product = bench.gunicorn("app:create_app()")
+    _, bare = bench.gunicorn("bench.bare:create_app()")
+    rows: list[Row] = []
+    for rate in (100, 200, 500):
+        for name, url in (("product", product), ("bare", bare)):
+            deliveries = list(typeform_deliveries(rate * seconds, f"i{name[0]}{rate}"))
+            result = load.fixed_rate(url, TYPEFORM, deliveries, rate)
+            target: dict[str, Any] = {}
+            if name == "product" and rate == 200:
+                target = {"text": "p99 < 25 ms", "met": result.p99_ms < 25}
+            rows.append(_load_row("ingest", f"{name} @ {rate}/s", result, **target))
+
+    flat: dict[str, load.LoadResult] = {}
+    for name, url in (("product", product), ("bare", bare)):
+        # Enough unique bodies for a bare Flask flat out; wrk stops if it runs out.
+        path = _requests_file(bench.workdir, (4000 if quick else 3500) * flat_seconds, name)
+        flat[name] = load.flat_out(url, TYPEFORM, path, flat_seconds)
+        rows.append(_load_row("ingest", f"{name} flat out (wrk, 16 conns)", flat[name]))
+    ratio = flat["product"].rps / flat["bare"].rps if flat["bare"].rps else 0.0
+    rows.append(
+        Row("ingest", "product / bare, flat out", f"{ratio:.2f}", ">= 0.50", ratio >= 0.5)
+    )
+    return rows
+
+
+def _requests_file(workdir: Path, count: int, tag: str) -> Path:
+    path = workdir / f"wrk-{tag}.txt"
+    with path.open("wb") as out:
+        for signature, body in typeform_deliveries(count, f"w{tag[0]}"):
+            out.write(signature.encode("ascii") + b"\t" + body + b"\n")
+    return path
+
+
+# -- shared by the flow benchmarks ---------------------------------------------------------
+
+
+def _counts(tag: str) -> collections.Counter:
+    from core.store import Event, session
+
+    with session() as db:
+        rows = db.execute(
+            select(Event.status, func.count())
+            .where(Event.dedup_key.like(f"typeform:%:bench{tag}%"))
+            .group_by(Event.status)
+        ).all()
+    return collections.Counter({status: count for status, count in rows})
+
+
+def _wait_done(tag: str, total: int, timeout_s: float) -> collections.Counter:
+    def done() -> collections.Counter | None:
+        counts = _counts(tag)
+        return counts if counts["succeeded"] + counts["failed"] >= total else None
+
+    return wait_until(done, f"{total} events of {tag} finished", timeout_s)
+
+
+def _speed_to_lead_ms(tag: str) -> list[float]:
+    from core.store import Event, FlowRun, Step, session
+
+    with session() as db:
+        outputs = db.scalars(
+            select(Step.output)
+            .join(FlowRun, Step.run_id == FlowRun.id)
+            .join(Event, FlowRun.event_id == Event.id)
+            .where(
+                Event.dedup_key.like(f"typeform:%:bench{tag}%"),
+                Step.name == "send_welcome_email",
+                Step.status == "succeeded",
+            )
+        ).all()
+    return [float(output["speed_to_lead_ms"]) for output in outputs if output]
+
+
+def _run_window(tag: str) -> float:
+    """Seconds from the first run's start to the last run's finish, read from the store."""
+    from core.store import Event, FlowRun, as_utc, session
+
+    with session() as db:
+        first, last = db.execute(
+            select(func.min(FlowRun.started_at), func.max(FlowRun.finished_at))
+            .join(Event, FlowRun.event_id == Event.id)
+            .where(Event.dedup_key.like(f"typeform:%:bench{tag}%"))
+        ).one()
+    return (as_utc(_dt(last)) - as_utc(_dt(first))).total_seconds()
+
+
+def _dt(value: Any) -> datetime:
+    # SQLite's func.min/max hand back the stored text, not a datetime.
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+
+def _post(url: str, count: int, tag: str, rate: float) -> load.LoadResult:
+    result = load.fixed_rate(url, TYPEFORM, typeform_deliveries(count, tag), rate)
+    if result.ok != count:
+        raise SystemExit(f"bench: only {result.ok} of {count} leads of {tag} were accepted")
+    return result
+
+
+def _workers(bench: Bench, count: int) -> list[Any]:
+    from rq import Worker
+
+    from core import queue
+
+    started = [bench.worker(index) for index in range(count)]
+    wait_until(
+        lambda: len(Worker.all(connection=queue.connection())) >= count, "workers up", 60
+    )
+    return started
+
+
+# -- 2. speed to lead ----------------------------------------------------------------------
+
+
+def speed_to_lead(bench: Bench, quick: bool) -> list[Row]:
+    """20 leads/s for 60 s (quick: 10 s) with two workers, instant and +150 ms emulators."""
+    bench.reset_store()
+    seconds = 10 if quick else 60
+    _, web = bench.gunicorn("app:create_app()")
+    workers = _workers(bench, 2)
+    rows: list[Row] = []
+    for latency in (0, 150):
+        bench.set_latency(latency)
+        tag = f"s{latency}"
+        _post(web, 20 * seconds, tag, 20)
+        counts = _wait_done(tag, 20 * seconds, 300)
+        values = _speed_to_lead_ms(tag)
+        p50, p99 = load.percentile(values, 0.5), load.percentile(values, 0.99)
+        result = (
+            f"p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {max(values, default=0):.0f} ms"
+            f" ({counts['succeeded']} succeeded, {counts['failed']} failed)"
+        )
+        case = f"20 leads/s x {seconds} s, emulators +{latency} ms"
+        if latency == 0:
+            met = p50 < 300 and p99 < 1000 and counts["failed"] == 0
+            rows.append(Row("speed to lead", case, result, "p50 < 300 ms, p99 < 1 s", met))
+        else:
+            rows.append(Row("speed to lead", case, result))
+    bench.set_latency(0)
+    for process in workers:
+        process.terminate()
+        process.wait(timeout=30)
+    return rows
+
+
+# -- 3. worker throughput ------------------------------------------------------------------
+
+
+def throughput(bench: Bench, quick: bool) -> list[Row]:
+    """A queued batch drained by one worker process: flows per second."""
+    bench.reset_store()
+    count = 200 if quick else 1000
+    _, web = bench.gunicorn("app:create_app()")
+    _post(web, count, "t", BACKLOG_POST_RATE)
+    workers = _workers(bench, 1)
+    counts = _wait_done("t", count, 600)
+    window = _run_window("t")
+    rate = count / window if window else 0.0
+    for process in workers:
+        process.terminate()
+        process.wait(timeout=30)
+    result = f"{rate:.1f} flows/s ({count} flows in {window:.1f} s, {counts['failed']} failed)"
+    return [Row("worker throughput", "1 worker, instant emulators", result, ">= 50", rate >= 50)]
+
+
+# -- 4 and 5. backlog and memory -----------------------------------------------------------
+
+
+def backlog(bench: Bench, quick: bool) -> list[Row]:
+    """A queued backlog drained by two workers; memory of the web and queue processes."""
+    bench.reset_store()
+    count = 500 if quick else 10_000
+    web_master, web = bench.gunicorn("app:create_app()")
+    before = bench.sandbox_state()
+    _post(web, count, "b", BACKLOG_POST_RATE)
+    web_rss = max(rss_mb(child.pid) for child in children(web_master))
+
+    started = time.monotonic()
+    workers = _workers(bench, 2)
+    parents_rss, horse_rss = 0.0, 0.0
+    while True:
+        for process in workers:
+            parents_rss = max(parents_rss, rss_mb(process.pid))
+            for horse in children(process):
+                try:
+                    horse_rss = max(horse_rss, horse.memory_info().rss / 1024 / 1024)
+                except Exception:  # the horse exited between listing and reading
+                    pass
+        counts = _counts("b")
+        if counts["succeeded"] + counts["failed"] >= count:
+            break
+        if time.monotonic() - started > 900:
+            raise SystemExit(f"bench: the backlog did not drain in 900 s: {dict(counts)}")
+        time.sleep(0.2)
+    wall = time.monotonic() - started
+    window = _run_window("b")
+    after = bench.sandbox_state()
+    for process in workers:
+        process.terminate()
+        process.wait(timeout=30)
+
+    made = _vendor_delta(before, after)
+    lost = count - counts["succeeded"]
+    every = all(value == count for value in made.values())
+    return [
+        Row(
+            "backlog",
+            f"{count} queued leads, 2 workers",
+            f"drained in {wall:.1f} s wall ({window:.1f} s first start to last finish),"
+            f" {counts['succeeded']} succeeded, {lost} not; vendor: "
+            + ", ".join(f"{key} +{value}" for key, value in made.items()),
+            "< 300 s, none lost",
+            wall < 300 and lost == 0 and every,
+        ),
+        Row(
+            "memory",
+            f"web worker after {count} events",
+            f"{web_rss:.0f} MB RSS (largest gunicorn worker; workers recycle at ~2000 requests)",
+            "< 80 MB",
+            web_rss < 80,
+        ),
+        Row(
+            "memory",
+            f"queue worker after {count} events",
+            f"parent {parents_rss:.0f} MB + horse {horse_rss:.0f} MB RSS (peaks;"
+            " the horse shares the parent's pages copy-on-write)",
+            "< 120 MB",
+            parents_rss < 120 and horse_rss < 120,
+        ),
+    ]
+
+
+def _vendor_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    def sizes(state: dict[str, Any]) -> dict[str, int]:
+        pipedrive = state["pipedrive"]
+        return {
+            "persons": len(pipedrive["persons"]),
+            "deals": len(pipedrive["deals"]),
+            "notes": len(pipedrive["notes"]),
+            "emails": len(state["google"]["gmail"]["messages"]),
+        }
+
+    start, end = sizes(before), sizes(after)
+    return {key: end[key] - start[key] for key in start}
