@@ -10,7 +10,7 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from core import logs
+from core import logs, queue
 from core.config import ConfigError, settings
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ def create_app() -> Flask:
     app.register_blueprint(api)
     app.register_blueprint(unsubscribe)
     register_dashboard(app)
+    queue.warn_if_evicting()
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _crash)
     _register_commands(app)

