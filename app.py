@@ -61,7 +61,9 @@ def create_app() -> Flask:
 
 def _http_error(exc: HTTPException) -> ResponseReturnValue:
     # abort(4xx, "sentence") carries the sentence; werkzeug's defaults are sentences too.
-    return jsonify(error=exc.description), exc.code or 500
+    # Keep the headers that belong to the status (Allow on 405, Retry-After on 429).
+    headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+    return jsonify(error=exc.description), exc.code or 500, headers
 
 
 def _crash(exc: Exception) -> ResponseReturnValue:
