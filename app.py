@@ -82,10 +82,12 @@ def _register_commands(app: Flask) -> None:
 
     @app.cli.command("sweep")
     def sweep() -> None:
-        """Queue again the events that are stored but not queued or lost their worker."""
+        """Queue again stranded events, and sequence steps that are due or lost their worker."""
         from core.recovery import requeue_stranded
+        from flows.sequences import requeue_due_steps
 
         click.echo(f"requeued {requeue_stranded()} events")
+        click.echo(f"requeued {requeue_due_steps()} sequence steps")
 
     @app.cli.command("replay")
     @click.argument("event_ids", nargs=-1)

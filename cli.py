@@ -1,5 +1,5 @@
 """Operator commands: `flask --app app check-config | google-auth | docusign-consent |
-register-webhooks | simulate`."""
+register-webhooks | simulate | send-contract`."""
 
 import os
 import sys
@@ -71,6 +71,7 @@ def register(app: Flask) -> None:
     """Add the deployment commands to the app's CLI."""
     for command in (check_config, google_auth, docusign_consent, register_webhooks, simulate):
         app.cli.add_command(command)
+    app.cli.add_command(send_contract)
 
 
 # -- check-config ----------------------------------------------------------------------
@@ -124,6 +125,23 @@ def _split_key(part: str) -> tuple[str, str]:
     return (key, message) if sep else ("(file)", part)
 
 
+def _email_templates(current: Settings) -> list[tuple[str, str]]:
+    """(config key, template name without its suffix) for every email config.yaml sends."""
+    named = [("lead_capture.welcome_email.template", current.lead_capture.welcome_email.template)]
+    for i, trigger in enumerate(current.follow_up.triggers):
+        for j, action in enumerate(trigger.actions):
+            if action.email is not None:
+                key = f"follow_up.triggers[{i}].actions[{j}].email.template"
+                named.append((key, action.email.template))
+    for name, sequence in current.sequences.items():
+        for k, step in enumerate(sequence.steps):
+            if step.template is not None:
+                # Sequence steps name templates/email/sequence_<template>.*.j2.
+                key = f"sequences.{name}.steps[{k}].template"
+                named.append((key, f"sequence_{step.template}"))
+    return named
+
+
 def _template_findings(current: Settings) -> list[Finding]:
     from jinja2 import TemplateError
 
@@ -135,14 +153,20 @@ def _template_findings(current: Settings) -> list[Finding]:
         "lead_capture.deal_value": lead.deal_value or "",
         "lead_capture.welcome_email.subject": lead.welcome_email.subject,
     }
-    for suffix in ("txt.j2", "html.j2"):
-        name = f"email/{lead.welcome_email.template}.{suffix}"
-        file = TEMPLATE_DIR / name
-        if not file.is_file():
-            return [Finding("lead_capture.welcome_email.template", f"templates/{name} is missing")]
-        sources[f"lead_capture.welcome_email.template ({name})"] = file.read_text("utf-8")
-
     findings = []
+    seen: set[str] = set()
+    for key, template in _email_templates(current):
+        for suffix in ("txt.j2", "html.j2"):
+            name = f"email/{template}.{suffix}"
+            if name in seen:
+                continue  # three steps sharing a template: one finding names it
+            seen.add(name)
+            file = TEMPLATE_DIR / name
+            if not file.is_file():
+                findings.append(Finding(key, f"templates/{name} is missing"))
+                continue
+            sources[f"{key} ({name})"] = file.read_text("utf-8")
+
     for key, source in sources.items():
         try:
             check_template(source)
@@ -381,6 +405,29 @@ def docusign_consent(integration_key: str, redirect_uri: str, production: bool) 
     click.echo("Open this as the DocuSign user the app acts for (DOCUSIGN_USER_ID) and accept:")
     click.echo(docusign_consent_url(integration_key, redirect_uri, host))
     click.echo("The browser then lands on the redirect URI; nothing needs to answer there.")
+
+
+# -- send-contract ---------------------------------------------------------------------
+
+
+@click.command("send-contract")
+@click.argument("deal_id", type=int)
+@click.option("--force", is_flag=True, help="Send even if one went out within the window.")
+def send_contract(deal_id: int, force: bool) -> None:
+    """Send a deal's contract for e-signature now, as entering the proposal stage does."""
+    from flows.contract import send_now
+
+    outcome = send_now(deal_id, force=force)
+    result = outcome["result"] or {}
+    click.echo(f"event {outcome['event_id']}: {outcome['status']}")
+    if outcome["reason"]:
+        click.echo(f"  {outcome['reason']}")
+    if result.get("skipped"):
+        click.echo(f"  not sent: {result['skipped']} (envelope {result.get('envelope_id')})")
+    elif result.get("envelope_id"):
+        click.echo(f"  envelope {result['envelope_id']} {result.get('status', '')}".rstrip())
+    if outcome["status"] != "succeeded":
+        raise click.exceptions.Exit(1)
 
 
 # -- register-webhooks -----------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -59,7 +60,20 @@ def main(argv: list[str] | None = None) -> int:
             if args.only and name not in args.only:
                 continue
             began = time.monotonic()
-            rows.extend(run(bench, args.quick))
+            load_before = os.getloadavg()[0]
+            new = run(bench, args.quick)
+            # Other processes on the machine share its cores: the load says how much.
+            load_after = os.getloadavg()[0]
+            new.append(
+                scenarios.Row(
+                    name,
+                    "machine load (1-min average, before/after)",
+                    f"{load_before:.1f} / {load_after:.1f} on {os.cpu_count()} cores",
+                )
+            )
+            rows.extend(new)
+            # Printed as they come too, so a run cut short still shows what it measured.
+            print(table(new), file=sys.stderr, flush=True)
             print(f"bench: {name} done in {time.monotonic() - began:.0f} s", file=sys.stderr)
     store = "PostgreSQL" if args.postgres else "SQLite"
     print(f"machine: {machine()}; store: {store}; quick: {args.quick}")

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -11,7 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ SECRETS = {
     "TYPEFORM_WEBHOOK_SECRET": "bench-typeform-secret",
     "FORM_WEBHOOK_SECRET": "bench-form-secret",
     "ADMIN_TOKEN": "bench-admin-token",
+    "PUBLIC_BASE_URL": "http://127.0.0.1:8000",
 }
 
 
@@ -63,6 +65,9 @@ class Bench:
         if not os.environ.get("BENCH_KEEP"):
             stack.callback(shutil.rmtree, self.workdir, ignore_errors=True)
         self.env = {**os.environ, **SECRETS, "CONFIG_PATH": str(ROOT / "config.yaml")}
+        # Secrets config.yaml requires that the bench does not know by name: any value works.
+        for name in _required_variables(ROOT / "config.yaml"):
+            self.env.setdefault(name, f"bench-{name.lower()}")
         self.env["REDIS_URL"] = self._redis()
         self.env["DATABASE_URL"] = self._database(postgres)
         self.env["GUNICORN_LOG_LEVEL"] = "warning"
@@ -160,6 +165,10 @@ class Bench:
         process = self.start(f"web-{port}", command, {"PORT": str(port)})
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: _listening(port), f"gunicorn {app} start")
+        if app.startswith("app:"):
+            wait_until(
+                lambda: requests.get(f"{url}/healthz", timeout=2).ok, "the web's /healthz 200"
+            )
         return process, url
 
     def worker(self, index: int) -> subprocess.Popen:
@@ -177,6 +186,11 @@ class Bench:
             "flows",
         ]
         return self.start(f"worker-{index}", command)
+
+
+def _required_variables(path: Path) -> set[str]:
+    """The ${VAR} references of a config file that have no default."""
+    return set(re.findall(r"\$\{([A-Z0-9_]+)\}", path.read_text(encoding="utf-8")))
 
 
 def _listening(port: int) -> bool:
@@ -211,8 +225,11 @@ def typeform_deliveries(count: int, tag: str) -> Iterator[tuple[str, bytes]]:
         response["token"] = f"bench{tag}{index:08d}"
         payload["event_id"] = f"01BENCH{tag}{index:08d}"
         for answer in response["answers"]:
+            # Each lead a new person: unique address and phone (search matches either).
             if answer["type"] == "email":
                 answer["email"] = f"lead.{tag}.{index}@bench.example"
+            if answer["type"] == "phone_number":
+                answer["phone_number"] = f"+995599{index % 1_000_000:06d}"
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         yield sign_base64_sha256(secret, body), body
 

@@ -1,6 +1,7 @@
 """Load generators: an open-loop asyncio client at fixed rates, and wrk flat out."""
 
 import asyncio
+import collections
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     errors: int
+    statuses: str = ""
 
     @property
     def rps(self) -> float:
@@ -73,6 +75,7 @@ async def _fixed_rate(
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     latencies: list[float] = []
     errors = 0
+    statuses: collections.Counter = collections.Counter()
 
     async def one(scheduled: float, signature: str, body: bytes) -> None:
         nonlocal errors
@@ -90,8 +93,10 @@ async def _fixed_rate(
                 latencies.append((time.perf_counter() - scheduled) * 1000)
             else:
                 errors += 1
+                statuses[status] += 1
             return
         errors += 1
+        statuses["closed"] += 1
 
     started = time.perf_counter()
     tasks = []
@@ -112,6 +117,7 @@ async def _fixed_rate(
         p50_ms=percentile(latencies, 0.50),
         p99_ms=percentile(latencies, 0.99),
         errors=errors,
+        statuses=", ".join(f"{key}: {value}" for key, value in sorted(statuses.items(), key=str)),
     )
 
 

@@ -1,6 +1,7 @@
 """The five benchmarks; each returns rows for the table."""
 
 import collections
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -10,11 +11,14 @@ from typing import Any
 from sqlalchemy import func, select
 
 from bench import load
-from bench.harness import Bench, children, rss_mb, typeform_deliveries, wait_until
+from bench.harness import Bench, children, rss_mb, stop, typeform_deliveries, wait_until
 
 TYPEFORM = "/webhooks/typeform"
 # A rate the web answers with ease, so queueing a backlog takes seconds, not minutes.
 BACKLOG_POST_RATE = 300
+# How long a benchmark waits for workers to finish before it reports what is left.
+DRAIN_LIMIT_S = 120
+BACKLOG_LIMIT_S = 330
 
 
 @dataclass
@@ -31,7 +35,9 @@ class Row:
 def _load_row(bench: str, case: str, result: load.LoadResult, **target: Any) -> Row:
     text = (
         f"{result.rps:.0f} req/s, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms"
-        f" ({result.ok}/{result.sent} ok, {result.errors} errors)"
+        f" ({result.ok}/{result.sent} ok, {result.errors} errors"
+        + (f": {result.statuses}" if result.statuses else "")
+        + ")"
     )
     return Row(bench, case, text, target.get("text", ""), target.get("met"))
 
@@ -43,8 +49,8 @@ def ingest(bench: Bench, quick: bool) -> list[Row]:
     """Signed Typeform webhooks against the product and the bare-Flask floor, same gunicorn."""
     bench.reset_store()
     seconds, flat_seconds = (4, 5) if quick else (15, 10)
-    _, product = bench.gunicorn("app:create_app()")
-    _, bare = bench.gunicorn("bench.bare:create_app()")
+    product_process, product = bench.gunicorn("app:create_app()")
+    bare_process, bare = bench.gunicorn("bench.bare:create_app()")
     rows: list[Row] = []
     for rate in (100, 200, 500):
         for name, url in (("product", product), ("bare", bare)):
@@ -61,10 +67,10 @@ def ingest(bench: Bench, quick: bool) -> list[Row]:
         path = _requests_file(bench.workdir, (4000 if quick else 3500) * flat_seconds, name)
         flat[name] = load.flat_out(url, TYPEFORM, path, flat_seconds)
         rows.append(_load_row("ingest", f"{name} flat out (wrk, 16 conns)", flat[name]))
+    stop(product_process)
+    stop(bare_process)
     ratio = flat["product"].rps / flat["bare"].rps if flat["bare"].rps else 0.0
-    rows.append(
-        Row("ingest", "product / bare, flat out", f"{ratio:.2f}", ">= 0.50", ratio >= 0.5)
-    )
+    rows.append(Row("ingest", "product / bare, flat out", f"{ratio:.2f}", ">= 0.50", ratio >= 0.5))
     return rows
 
 
@@ -116,6 +122,21 @@ def _speed_to_lead_ms(tag: str) -> list[float]:
     return [float(output["speed_to_lead_ms"]) for output in outputs if output]
 
 
+def _wait_some(tag: str, total: int, limit_s: float) -> collections.Counter:
+    deadline = time.monotonic() + limit_s
+    while True:
+        counts = _counts(tag)
+        if counts["succeeded"] + counts["failed"] >= total or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.25)
+
+
+def _empty_queue() -> None:
+    from core import queue
+
+    queue.queue().empty()
+
+
 def _run_window(tag: str) -> float:
     """Seconds from the first run's start to the last run's finish, read from the store."""
     from core.store import Event, FlowRun, as_utc, session
@@ -137,7 +158,12 @@ def _dt(value: Any) -> datetime:
 def _post(url: str, count: int, tag: str, rate: float) -> load.LoadResult:
     result = load.fixed_rate(url, TYPEFORM, typeform_deliveries(count, tag), rate)
     if result.ok != count:
-        raise SystemExit(f"bench: only {result.ok} of {count} leads of {tag} were accepted")
+        # Reported in the row: a refused lead is a finding, not a reason to stop the run.
+        print(
+            f"bench: {count - result.ok} of {count} posts of {tag} were not 200:",
+            result.statuses,
+            file=sys.stderr,
+        )
     return result
 
 
@@ -147,9 +173,7 @@ def _workers(bench: Bench, count: int) -> list[Any]:
     from core import queue
 
     started = [bench.worker(index) for index in range(count)]
-    wait_until(
-        lambda: len(Worker.all(connection=queue.connection())) >= count, "workers up", 60
-    )
+    wait_until(lambda: len(Worker.all(connection=queue.connection())) >= count, "workers up", 60)
     return started
 
 
@@ -160,30 +184,42 @@ def speed_to_lead(bench: Bench, quick: bool) -> list[Row]:
     """20 leads/s for 60 s (quick: 10 s) with two workers, instant and +150 ms emulators."""
     bench.reset_store()
     seconds = 10 if quick else 60
-    _, web = bench.gunicorn("app:create_app()")
+    web_process, web = bench.gunicorn("app:create_app()")
     workers = _workers(bench, 2)
     rows: list[Row] = []
     for latency in (0, 150):
         bench.set_latency(latency)
         tag = f"s{latency}"
-        _post(web, 20 * seconds, tag, 20)
-        counts = _wait_done(tag, 20 * seconds, 300)
+        total = 20 * seconds
+        posted = _post(web, total, tag, 20)
+        total = posted.ok
+        # Bounded: a backlog that outgrows the workers is reported, not waited out.
+        counts = _wait_some(tag, total, DRAIN_LIMIT_S)
         values = _speed_to_lead_ms(tag)
+        unfinished = total - counts["succeeded"] - counts["failed"]
         p50, p99 = load.percentile(values, 0.5), load.percentile(values, 0.99)
         result = (
             f"p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {max(values, default=0):.0f} ms"
-            f" ({counts['succeeded']} succeeded, {counts['failed']} failed)"
+            f" ({counts['succeeded']} succeeded, {counts['failed']} failed,"
+            f" {posted.errors} posts refused{': ' + posted.statuses if posted.statuses else ''}"
+            + (
+                f", {unfinished} still queued {DRAIN_LIMIT_S} s after the last post:"
+                " percentiles of the finished only, a lower bound)"
+                if unfinished
+                else ")"
+            )
         )
         case = f"20 leads/s x {seconds} s, emulators +{latency} ms"
         if latency == 0:
-            met = p50 < 300 and p99 < 1000 and counts["failed"] == 0
+            met = p50 < 300 and p99 < 1000 and not counts["failed"] + unfinished + posted.errors
             rows.append(Row("speed to lead", case, result, "p50 < 300 ms, p99 < 1 s", met))
         else:
             rows.append(Row("speed to lead", case, result))
+        # Drop what is left so the next pass starts on an empty queue.
+        _empty_queue()
     bench.set_latency(0)
-    for process in workers:
-        process.terminate()
-        process.wait(timeout=30)
+    for process in [*workers, web_process]:
+        stop(process)
     return rows
 
 
@@ -193,16 +229,15 @@ def speed_to_lead(bench: Bench, quick: bool) -> list[Row]:
 def throughput(bench: Bench, quick: bool) -> list[Row]:
     """A queued batch drained by one worker process: flows per second."""
     bench.reset_store()
-    count = 200 if quick else 1000
-    _, web = bench.gunicorn("app:create_app()")
-    _post(web, count, "t", BACKLOG_POST_RATE)
+    count = 200 if quick else 500
+    web_process, web = bench.gunicorn("app:create_app()")
+    count = _post(web, count, "t", BACKLOG_POST_RATE).ok
     workers = _workers(bench, 1)
     counts = _wait_done("t", count, 600)
     window = _run_window("t")
     rate = count / window if window else 0.0
-    for process in workers:
-        process.terminate()
-        process.wait(timeout=30)
+    for process in [*workers, web_process]:
+        stop(process)
     result = f"{rate:.1f} flows/s ({count} flows in {window:.1f} s, {counts['failed']} failed)"
     return [Row("worker throughput", "1 worker, instant emulators", result, ">= 50", rate >= 50)]
 
@@ -216,7 +251,8 @@ def backlog(bench: Bench, quick: bool) -> list[Row]:
     count = 500 if quick else 10_000
     web_master, web = bench.gunicorn("app:create_app()")
     before = bench.sandbox_state()
-    _post(web, count, "b", BACKLOG_POST_RATE)
+    posted = _post(web, count, "b", BACKLOG_POST_RATE)
+    count = posted.ok
     web_rss = max(rss_mb(child.pid) for child in children(web_master))
 
     started = time.monotonic()
@@ -233,28 +269,36 @@ def backlog(bench: Bench, quick: bool) -> list[Row]:
         counts = _counts("b")
         if counts["succeeded"] + counts["failed"] >= count:
             break
-        if time.monotonic() - started > 900:
-            raise SystemExit(f"bench: the backlog did not drain in 900 s: {dict(counts)}")
+        if time.monotonic() - started > BACKLOG_LIMIT_S:
+            # Past the target already: report how far the workers got.
+            break
         time.sleep(0.2)
     wall = time.monotonic() - started
     window = _run_window("b")
     after = bench.sandbox_state()
-    for process in workers:
-        process.terminate()
-        process.wait(timeout=30)
+    for process in [*workers, web_master]:
+        stop(process)
 
     made = _vendor_delta(before, after)
-    lost = count - counts["succeeded"]
-    every = all(value == count for value in made.values())
+    done = counts["succeeded"]
+    # Lost: failed, or missing from the store; unfinished ones still wait in the queue.
+    lost = counts["failed"] + count - sum(counts.values())
+    unfinished = count - done - counts["failed"]
+    every = all(value == done for value in made.values())
+    drained = (
+        f"drained in {wall:.1f} s wall ({window:.1f} s first start to last finish)"
+        if not unfinished
+        else f"NOT drained: {done} of {count} done after {wall:.0f} s"
+        f" ({done / window if window else 0:.1f} flows/s), {unfinished} still queued"
+    )
     return [
         Row(
             "backlog",
             f"{count} queued leads, 2 workers",
-            f"drained in {wall:.1f} s wall ({window:.1f} s first start to last finish),"
-            f" {counts['succeeded']} succeeded, {lost} not; vendor: "
+            f"{drained}; {done} succeeded, {lost} lost; vendor: "
             + ", ".join(f"{key} +{value}" for key, value in made.items()),
             "< 300 s, none lost",
-            wall < 300 and lost == 0 and every,
+            wall < 300 and lost == 0 and every and not unfinished,
         ),
         Row(
             "memory",

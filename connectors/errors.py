@@ -41,3 +41,7 @@ class PermanentVendorError(VendorError):
 
 class FlowAbort(Exception):
     """The event cannot be processed as it stands; the run fails with this reason."""
+
+
+class FlowIgnored(Exception):
+    """The event needs no work after all; the run ends `ignored` with this reason."""

@@ -3,6 +3,7 @@
 import base64
 import json
 import logging
+from collections.abc import Sequence
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate
@@ -151,6 +152,15 @@ class GmailClient:
             body["threadId"] = thread_id
         request = self._service.users().messages().send(userId=self._user, body=body)
         return self._execute(request, "send message", write=True)
+
+    def get_thread(self, thread_id: str, headers: Sequence[str] = ()) -> dict[str, Any]:
+        """users.threads.get: the thread's messages with their labels and the named headers."""
+        request = (
+            self._service.users()
+            .threads()
+            .get(userId=self._user, id=thread_id, format="metadata", metadataHeaders=list(headers))
+        )
+        return self._execute(request, "get thread")
 
     def find_by_message_id(self, message_id: str) -> dict[str, Any] | None:
         """The sent message with this Message-ID header, if Gmail has it."""

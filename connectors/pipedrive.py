@@ -180,6 +180,13 @@ class PipedriveClient:
 
         return self._cached(f"stage:{pipeline_name}:{stage_name}", load)
 
+    def get_stage(self, stage_id: int) -> dict[str, Any]:
+        """GET /api/v2/stages/{id} (its pipeline_id and order_nr), cached like the names."""
+        return self._cached(
+            f"stage-id:{stage_id}",
+            lambda: self._v2("GET", f"/stages/{stage_id}", "get stage")["data"],
+        )
+
     def pipeline_id(self, pipeline_name: str) -> int:
         """The id of the pipeline config.yaml names."""
 
@@ -273,6 +280,46 @@ class PipedriveClient:
     def get_person(self, person_id: int) -> dict[str, Any]:
         """GET /api/v2/persons/{id}."""
         return self._v2("GET", f"/persons/{person_id}", "get person")["data"]
+
+    def get_organization(self, org_id: int) -> dict[str, Any]:
+        """GET /api/v2/organizations/{id}."""
+        return self._v2("GET", f"/organizations/{org_id}", "get organization")["data"]
+
+    # -- files (v1) --------------------------------------------------------------------
+
+    def attach_file(self, deal_id: int, name: str, content: bytes, mime: str) -> dict[str, Any]:
+        """POST /v1/files (multipart) attached to the deal; a lost answer is ambiguous."""
+        url = f"{self._base}/v1/files"
+        return call_with_retry(
+            lambda: self._send(
+                "POST",
+                url,
+                "attach file",
+                data={"deal_id": str(deal_id)},
+                files={"file": (name, content, mime)},
+            ),
+            self._retry,
+            what="attach file",
+        )["data"]
+
+    def deal_files(self, deal_id: int) -> list[dict[str, Any]]:
+        """GET /v1/deals/{id}/files, every page."""
+        url = f"{self._base}/v1/deals/{deal_id}/files"
+        files: list[dict[str, Any]] = []
+        start = 0
+        while True:
+            answer = call_with_retry(
+                lambda s=start: self._send(
+                    "GET", url, "list deal files", params={"start": s, "limit": 100}
+                ),
+                self._retry,
+                what="list deal files",
+            )
+            files.extend(answer.get("data") or [])
+            pagination = (answer.get("additional_data") or {}).get("pagination") or {}
+            if not pagination.get("more_items_in_collection"):
+                return files
+            start = pagination.get("next_start", start + 100)
 
     # -- activities --------------------------------------------------------------------
 

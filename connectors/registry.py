@@ -3,9 +3,11 @@
 import functools
 
 from connectors.calendar import CalendarClient
+from connectors.docusign import DocuSignClient
 from connectors.errors import FlowAbort
 from connectors.facebook import GraphClient
 from connectors.gmail import GmailClient
+from connectors.google_docs import GoogleDocsClient
 from connectors.pipedrive import PipedriveClient
 from core.config import settings
 
@@ -40,10 +42,28 @@ def graph() -> GraphClient:
     return GraphClient(current.facebook, current.retry)
 
 
+@functools.cache
+def docusign() -> DocuSignClient:
+    """The DocuSign client; it keeps its JWT-grant token until shortly before it expires."""
+    current = settings()
+    if current.contracts is None:
+        raise FlowAbort("a contract is to be sent but config.yaml has no `contracts` section")
+    return DocuSignClient(current.contracts.docusign, current.retry)
+
+
+@functools.cache
+def google_docs() -> GoogleDocsClient:
+    """The Drive and Docs client, on the same OAuth grant as Gmail."""
+    current = settings()
+    return GoogleDocsClient(current.google, current.retry)
+
+
 def reset() -> None:
     """Forget the clients and settings (tests change the environment)."""
     pipedrive.cache_clear()
     gmail.cache_clear()
     calendar.cache_clear()
     graph.cache_clear()
+    docusign.cache_clear()
+    google_docs.cache_clear()
     settings.cache_clear()

@@ -3,7 +3,7 @@
 import functools
 import os
 import re
-from datetime import date, time
+from datetime import date, time, timedelta
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -398,6 +398,8 @@ class TriggerAction(_Strict):
     calendar_reminder: CalendarAction | None = None
     start_sequence: str | None = Field(default=None, min_length=1)
     stop_sequences: bool | None = None
+    # Send the deal's contract (see `contracts`) for e-signature.
+    send_contract: bool | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> "TriggerAction":
@@ -405,10 +407,12 @@ class TriggerAction(_Strict):
         if sum(value is not None for value in self.__dict__.values()) != 1:
             raise ValueError(
                 "each action has exactly one of email, activity, calendar_reminder, "
-                "start_sequence, stop_sequences"
+                "start_sequence, stop_sequences, send_contract"
             )
         if self.stop_sequences is False:
             raise ValueError("stop_sequences: write `stop_sequences: true` or leave it out")
+        if self.send_contract is False:
+            raise ValueError("send_contract: write `send_contract: true` or leave it out")
         return self
 
     @property
@@ -609,6 +613,152 @@ class Unsubscribe(_Strict):
     base_url: str = Field(pattern=r"^https?://")
 
 
+def _duration(spec: str) -> timedelta:
+    """'30 days' or '6 hours' as a timedelta (business days make no sense for a window)."""
+    count, unit = parse_delay(spec)
+    if unit == "business_days":
+        raise ValueError(f"expected minutes, hours, days or weeks, got {spec!r}")
+    return timedelta(**{unit: count})
+
+
+def _parses_each(value: dict[str, str]) -> dict[str, str]:
+    for source in value.values():
+        _parses(source)
+    return value
+
+
+class DocuSign(_Strict):
+    """DocuSign credentials (JWT grant or a pre-issued token), endpoints and Connect keys."""
+
+    account_id: str = ""
+    integration_key: str = ""
+    user_id: str = ""
+    # The integration key's RSA private key, PEM text.
+    private_key: str = ""
+    # A pre-issued token instead of the JWT grant (sandbox and tests).
+    access_token: str = ""
+    base_path: str = "https://demo.docusign.net/restapi"
+    # account-d.docusign.com (developer) or account.docusign.com; a URL with http:// too.
+    oauth_host: str = "account-d.docusign.com"
+    # Comma-separated; any one may sign a Connect message (key rotation).
+    connect_hmac_keys: str = ""
+    connect_max_bytes: int = Field(default=25 * 1024 * 1024, gt=0)
+    timeout_s: float = Field(default=10.0, gt=0)
+
+    def hmac_keys(self) -> list[str]:
+        """The Connect HMAC secrets, blanks dropped."""
+        return [key.strip() for key in self.connect_hmac_keys.split(",") if key.strip()]
+
+
+class ContractTemplate(_Strict):
+    """A DocuSign template: the signer's role and its text tabs by tabLabel."""
+
+    template_id: str = Field(min_length=1)
+    signer_role: str = Field(min_length=1)
+    # tabLabel -> a Jinja expression over deal, person, org, owner (filters money, date).
+    tabs: dict[str, str] = Field(default_factory=dict)
+
+    _tabs_parse = field_validator("tabs")(_parses_each)
+
+
+class ContractGoogleDoc(_Strict):
+    """A Google Docs template: copied, {{placeholders}} replaced, exported to PDF."""
+
+    document_id: str = Field(min_length=1)
+    file_name: str = "{{ deal.title }}"
+    # Placeholder name (inside {{ }} in the document) -> a Jinja expression.
+    placeholders: dict[str, str] = Field(default_factory=dict)
+    # Text in the document where the signer signs (DocuSign anchor tab).
+    signature_anchor: str = Field(default="/sig1/", min_length=1)
+
+    _file_name_parses = field_validator("file_name")(_parses)
+    _placeholders_parse = field_validator("placeholders")(_parses_each)
+
+
+class CarbonCopy(_Strict):
+    """Who gets a copy: the deal's owner, or a named person (a manager)."""
+
+    owner: bool = False
+    name: str | None = None
+    email: str | None = None
+    # The template's carbon-copy role (DocuSign template documents only).
+    role: str | None = None
+
+    @model_validator(mode="after")
+    def _one_person(self) -> "CarbonCopy":
+        if self.owner == bool(self.name and self.email):
+            raise ValueError("a carbon copy is `owner: true` or has a `name` and an `email`")
+        return self
+
+
+class ContractDocument(_Strict):
+    """One contract: which deals it is for, how the document is made, who signs."""
+
+    name: str = Field(min_length=1, max_length=64)
+    pipeline: str
+    # With contracts.product_field: deals whose field holds this value get this contract.
+    product: str | None = None
+    template: ContractTemplate | None = None
+    google_doc: ContractGoogleDoc | None = None
+    email_subject: str = "Please DocuSign: {{ deal.title }}"
+    # A Jinja expression giving a locale such as ka_GE; unset: from the person's phone
+    # number's country, else default_region.
+    locale: str | None = None
+    carbon_copies: list[CarbonCopy] = Field(default_factory=list)
+    # "won", or the name of a stage of `pipeline` to move the deal to once signed.
+    on_completed: str = "won"
+
+    _templates_parse = field_validator("email_subject", "locale")(_parses)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ContractDocument":
+        if (self.template is None) == (self.google_doc is None):
+            raise ValueError(f"contract {self.name!r} needs exactly one of template, google_doc")
+        if self.template is not None and any(cc.role is None for cc in self.carbon_copies):
+            raise ValueError(
+                f"contract {self.name!r}: with a template every carbon copy names its `role`"
+            )
+        return self
+
+
+class Contracts(_Strict):
+    """Proposal contracts sent for e-signature through DocuSign."""
+
+    docusign: DocuSign = DocuSign()
+    documents: list[ContractDocument] = Field(min_length=1)
+    # A deal field (by name) whose value picks the contract among those of a pipeline.
+    product_field: str | None = None
+    # A deal field (by name) that gets the envelope id; unset writes none.
+    envelope_field: str | None = None
+    # Re-entering the stage within this does not send a second envelope.
+    resend_window: str = "30 days"
+    # No Connect message for this long: ask DocuSign (at most every 15 minutes).
+    poll_after: str = "6 hours"
+
+    @field_validator("resend_window", "poll_after")
+    @classmethod
+    def _valid_duration(cls, value: str) -> str:
+        _duration(value)
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Contracts":
+        names = [document.name for document in self.documents]
+        if len(set(names)) != len(names):
+            raise ValueError("two contracts share a name; the name keys their envelopes")
+        return self
+
+    @property
+    def window(self) -> timedelta:
+        """resend_window as a timedelta."""
+        return _duration(self.resend_window)
+
+    @property
+    def poll_delay(self) -> timedelta:
+        """poll_after as a timedelta."""
+        return _duration(self.poll_after)
+
+
 class Settings(_Strict):
     """The whole of config.yaml."""
 
@@ -626,6 +776,7 @@ class Settings(_Strict):
     # Sequence name -> its steps and sending window.
     sequences: dict[str, Sequence] = Field(default_factory=dict)
     unsubscribe: Unsubscribe | None = None
+    contracts: Contracts | None = None
     dashboard: Dashboard = Dashboard()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Proxies in front of the web (Heroku and Render: one) whose X-Forwarded-For we trust.
@@ -670,6 +821,11 @@ class Settings(_Strict):
                 )
         for trigger in self.follow_up.triggers:
             for action in trigger.actions:
+                if action.send_contract and self.contracts is None:
+                    raise ValueError(
+                        f"follow_up.triggers: {trigger.name!r} sends a contract: configure "
+                        "`contracts`"
+                    )
                 if action.start_sequence and action.start_sequence not in self.sequences:
                     raise ValueError(
                         f"follow_up.triggers: {trigger.name!r} starts a sequence "

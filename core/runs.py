@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from connectors.errors import FlowAbort, VendorError
+from connectors.errors import FlowAbort, FlowIgnored, VendorError
 from core.logs import safe_traceback
 from core.store import Event, FlowRun, SideEffect, Step, as_utc, session, utcnow
 
@@ -193,6 +193,10 @@ def execute(
 
     try:
         body(ctx, event)
+    except FlowIgnored as exc:
+        # Looked at and found to need nothing (our own change, no trigger): not a failure.
+        _finish(ctx, "ignored", str(exc))
+        return "ignored"
     except FlowAbort as exc:
         _finish(ctx, "failed", str(exc))
         return "failed"

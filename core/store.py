@@ -196,6 +196,29 @@ class OptOut(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class ContractEnvelope(Base):
+    """One proposal's envelope: the key it was sent under and how far DocuSign got with it."""
+
+    __tablename__ = "contract_envelopes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # The idempotency key, also written into the envelope's custom fields for the lookup.
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    envelope_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    deal_id: Mapped[int] = mapped_column(Integer, index=True)
+    contract: Mapped[str] = mapped_column(String(64))
+    # sending, sent, delivered, completed, declined, voided, failed; it only moves forward.
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    event_id: Mapped[str | None] = mapped_column(String(32))
+    status_changed_at: Mapped[datetime | None]
+    # The last Connect message (or poll) about it, and the last time we asked DocuSign.
+    last_message_at: Mapped[datetime | None]
+    last_polled_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
 def database_url() -> str:
     """DATABASE_URL, or a SQLite file under instance/ when it is unset."""
     url = os.environ.get("DATABASE_URL", "")

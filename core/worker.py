@@ -15,6 +15,7 @@ from core import logs
 from core.config import settings
 from core.recovery import requeue_stranded
 from core.templates import _files
+from flows.contract import poll_envelopes
 from flows.sequences import requeue_due_steps
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,14 @@ def _our_defaults(kwargs: dict[str, Any]) -> None:
             kwargs[key] = ours
 
 
+def _poll_envelopes() -> None:
+    # Envelopes Connect has been silent about (at most one poll per 15 minutes each).
+    try:
+        poll_envelopes()
+    except Exception as exc:
+        logger.error("envelope poll failed error=%s", logs.safe_traceback(exc))
+
+
 class FlowWorker(Worker):
     """rq's forking Worker: connectors warmed once in the parent, a sweep every 30 s."""
 
@@ -97,6 +106,7 @@ class FlowWorker(Worker):
         except Exception as exc:
             # The sweep must never take the worker down; the next interval tries again.
             logger.error("sweep failed error=%s", logs.safe_traceback(exc))
+        _poll_envelopes()
         if time.monotonic() - self._warmed_at > REWARM_INTERVAL_S:
             warm_up()
             self._warmed_at = time.monotonic()
@@ -119,3 +129,4 @@ class InProcessFlowWorker(SimpleWorker):
             requeue_due_steps()
         except Exception as exc:
             logger.error("sweep failed error=%s", logs.safe_traceback(exc))
+        _poll_envelopes()

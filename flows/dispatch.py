@@ -5,7 +5,7 @@ import logging
 from rq import get_current_job
 
 from core.store import Event, session
-from flows import follow_up, lead_capture
+from flows import contract, follow_up, lead_capture
 
 logger = logging.getLogger(__name__)
 
@@ -15,6 +15,9 @@ FLOWS_BY_SOURCE = {
     "browser_form": lead_capture.run,
     "facebook": lead_capture.run,
     "pipedrive": follow_up.run,
+    # Connect messages and envelope polls; `flask send-contract` stores "operator" events.
+    "docusign": contract.run,
+    "operator": contract.run,
 }
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from connectors import registry
-from connectors.errors import FlowAbort, VendorError
+from connectors.errors import FlowAbort, FlowIgnored, VendorError
 from connectors.gmail import build_message
 from core.config import (
     ActivityAction,
@@ -43,18 +43,18 @@ def _follow_up(ctx: RunContext, event: Event) -> None:
 
     origin = ctx.step("check_origin", lambda: _origin(change))
     if origin["own_change"]:
-        return
+        raise FlowIgnored("this product made the change through the API: no trigger runs")
 
     matched = ctx.step("match_triggers", lambda: _match(change, current))
     triggers = [t for t in current.follow_up.triggers if t.name in matched["triggers"]]
     if not triggers:
-        return
+        raise FlowIgnored("no trigger in config.yaml acts on this change")
 
     deal: dict[str, Any] = {}
     person: dict[str, Any] = {}
     loaded = ctx.step("load_deal", lambda: _load_deal(change.entity_id, deal, person))
     if loaded["gone"]:
-        return
+        raise FlowIgnored("the deal was deleted before its triggers ran")
 
     owner = _owner(deal["owner_id"], current)
     context = {
@@ -68,7 +68,9 @@ def _follow_up(ctx: RunContext, event: Event) -> None:
         for index, action in enumerate(trigger.actions):
             key = _key(change, trigger, index)
             step = _step_name(trigger, index, action)
-            ctx.step(step, lambda a=action, k=key: _act(ctx, event, a, k, deal, context))
+            ctx.step(
+                step, lambda t=trigger, a=action, k=key: _act(ctx, event, t, a, k, deal, context)
+            )
 
 
 # -- which triggers fire ----------------------------------------------------------------
@@ -216,6 +218,7 @@ def _local_due(event: Event, owner: Rep, days: int, clock: str) -> datetime:
 def _act(
     ctx: RunContext,
     event: Event,
+    trigger: Trigger,
     action: TriggerAction,
     key: str,
     deal: dict[str, Any],
@@ -229,7 +232,18 @@ def _act(
         return _calendar(ctx, event, action.calendar_reminder, key, deal, context)
     if action.start_sequence is not None:
         return _sequences().start(ctx, deal["id"], action.start_sequence)
-    return _sequences().stop(ctx, deal["id"], "a stage trigger stopped the deal's sequences")
+    if action.send_contract:
+        from flows import contract  # here: flows.contract uses this module's owner lookup
+
+        return contract.send(ctx, deal["id"], key)
+    return _sequences().stop(ctx, deal["id"], _stop_reason(trigger))
+
+
+def _stop_reason(trigger: Trigger) -> str:
+    """What the run history says stopped the sequences: the event, not the mechanism."""
+    if trigger.status is not None:
+        return f"the deal was {trigger.status}"
+    return f"the deal entered the stage {trigger.stage!r}"
 
 
 def _sequences() -> ModuleType:

@@ -220,9 +220,7 @@ def _zone(definition: Sequence, phone: str | None, owner: Rep, region: str) -> s
 def _stage_order(stage_id: int | None) -> int | None:
     if stage_id is None:
         return None
-    # TODO: use a PipedriveClient.get_stage once the connector has one; _v2 is its transport.
-    stage = registry.pipedrive()._v2("GET", f"/stages/{stage_id}", "get stage")["data"]
-    return stage.get("order_nr")
+    return registry.pipedrive().get_stage(stage_id).get("order_nr")
 
 
 # -- scheduling ---------------------------------------------------------------------------
@@ -669,20 +667,10 @@ def _deal_verdict(enrollment: Enrollment, seen: dict[str, Any]) -> Verdict:
 
 
 def _fetch_thread(thread_id: str) -> dict[str, Any]:
-    gmail = registry.gmail()
-    # TODO: a GmailClient.get_thread would own this; its service and _execute (the retry
-    # policy and error classes) are used here so the connector stays one place.
-    request = (
-        gmail._service.users()
-        .threads()
-        .get(
-            userId=gmail._user,
-            id=thread_id,
-            format="metadata",
-            metadataHeaders=["From", "X-Failed-Recipients", "Content-Type"],
-        )
+    # The headers that tell a reply (From) from a bounce (the other two).
+    return registry.gmail().get_thread(
+        thread_id, headers=("From", "X-Failed-Recipients", "Content-Type")
     )
-    return gmail._execute(request, "get thread")
 
 
 def _headers(message: dict[str, Any]) -> dict[str, str]:

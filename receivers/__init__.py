@@ -5,4 +5,11 @@ from flask import Blueprint
 webhooks = Blueprint("webhooks", __name__, url_prefix="/webhooks")
 
 # Route modules register themselves on the blueprint.
-from receivers import browser_form, facebook, form, pipedrive, typeform  # noqa: E402,F401
+from receivers import (  # noqa: E402,F401
+    browser_form,
+    docusign,
+    facebook,
+    form,
+    pipedrive,
+    typeform,
+)

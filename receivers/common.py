@@ -5,7 +5,7 @@ import io
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 from flask import Request, abort, g, jsonify
@@ -15,10 +15,25 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from core import metrics, queue
-from core.leads import LeadEvent, MalformedPayload
+from core.leads import MalformedPayload
 from core.store import Event, session
 
 logger = logging.getLogger(__name__)
+
+
+class StoredEvent(Protocol):
+    """What the store needs of a typed event (a lead, a Pipedrive change): kind and identity."""
+
+    @property
+    def type(self) -> str:
+        """The event's kind, stored as events.type."""
+
+    @property
+    def dedup_key(self) -> str:
+        """The sender's identity of the event: a second delivery is a duplicate."""
+
+    def model_dump(self, *, mode: str) -> dict[str, Any]:
+        """The event as JSON-ready data (pydantic models have it)."""
 
 
 def read_body(req: Request, max_bytes: int) -> bytes:
@@ -136,7 +151,7 @@ def enqueue(source: str, event_id: str) -> None:
 
 def store_event(
     source: str,
-    event: LeadEvent | None,
+    event: StoredEvent | None,
     raw: bytes,
     *,
     kind: str = "",
@@ -161,7 +176,7 @@ def store_event(
 
 def accept(
     source: str,
-    event: LeadEvent | None,
+    event: StoredEvent | None,
     raw: bytes,
     *,
     kind: str = "",

@@ -12,15 +12,22 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-FAULT_KINDS = ("429", "500", "502", "503", "delay", "timeout", "graph_throttle")
+FAULT_KINDS = ("429", "500", "502", "503", "delay", "timeout", "graph_throttle", "google_403")
 VENDOR_NAMES = ("pipedrive", "google", "facebook", "docusign", "*")
 # Graph API throttling codes: app (4), user (17), page (32) and per-API (613) limits.
 GRAPH_THROTTLE_CODES = (4, 17, 32, 613)
+# Google answers 403 both for its per-user and per-project limits (worth a retry) and for a
+# refusal (not worth one); the reason in the body is the only difference.
+GOOGLE_403_REASONS = (
+    "rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded",
+    "forbidden", "insufficientPermissions", "domainPolicy",
+)  # fmt: skip
 DEFAULT_DELAY_MS = 1000
 DEFAULT_TIMEOUT_MS = 30000
 DEFAULT_RESET_S = 2
 _SPEC_KEYS = {
     "vendor", "method", "path", "kind", "count", "probability", "delay_ms", "reset_s", "code",
+    "reason",
 }  # fmt: skip
 
 
@@ -38,6 +45,7 @@ class FaultSpec:
     delay_ms: int = DEFAULT_DELAY_MS
     reset_s: int = DEFAULT_RESET_S
     code: int | None = None
+    reason: str | None = None
     hits: int = 0
 
     def matches(self, vendor: str, method: str, path: str) -> bool:
@@ -94,6 +102,7 @@ def parse_fault_spec(raw: Any, fault_id: int) -> FaultSpec:
         delay_ms=_non_negative_int(raw, "delay_ms", default_delay),
         reset_s=_non_negative_int(raw, "reset_s", DEFAULT_RESET_S),
         code=code,
+        reason=_fault_reason(raw, kind, vendor),
     )
 
 
@@ -108,6 +117,19 @@ def _fault_code(raw: dict[str, Any], kind: str, vendor: str) -> int | None:
     if code not in GRAPH_THROTTLE_CODES or isinstance(code, bool):
         raise ValueError(f"Fault code must be one of {GRAPH_THROTTLE_CODES}, got {code!r}.")
     return int(code)
+
+
+def _fault_reason(raw: dict[str, Any], kind: str, vendor: str) -> str | None:
+    if kind != "google_403":
+        if "reason" in raw:
+            raise ValueError("Fault reason is only taken by kind google_403.")
+        return None
+    if vendor != "google":
+        raise ValueError(f"Fault kind google_403 is for vendor google, got {vendor!r}.")
+    reason = raw.get("reason", "rateLimitExceeded")
+    if reason not in GOOGLE_403_REASONS:
+        raise ValueError(f"Fault reason must be one of {GOOGLE_403_REASONS}, got {reason!r}.")
+    return str(reason)
 
 
 def _non_negative_int(raw: dict[str, Any], key: str, default: int) -> int:

@@ -68,6 +68,17 @@ _GRPC_STATUS = {
     500: "INTERNAL", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
 }  # fmt: skip
 
+# 403 reasons (faults.GOOGLE_403_REASONS) -> message and domain: the limits are "usageLimits",
+# refusals "global".
+FORBIDDEN_REASONS = {
+    "rateLimitExceeded": ("Rate Limit Exceeded", "usageLimits"),
+    "userRateLimitExceeded": ("User Rate Limit Exceeded", "usageLimits"),
+    "quotaExceeded": ("Quota exceeded for this project.", "usageLimits"),
+    "forbidden": ("Forbidden", "global"),
+    "insufficientPermissions": ("Insufficient Permission", "global"),
+    "domainPolicy": ("The domain administrators have disabled Gmail apps.", "global"),
+}
+
 bp = Blueprint("google", __name__)
 control = Blueprint("google_control", __name__, url_prefix="/_sandbox/gmail")
 
@@ -221,6 +232,10 @@ class GoogleEmulator(VendorEmulator):
 
     def fault_response(self, spec: FaultSpec, path: str) -> Response:
         """Answer an injected fault as Google does: OAuth-shaped on /token, else the envelope."""
+        if spec.kind == "google_403":
+            assert spec.reason is not None
+            message, domain = FORBIDDEN_REASONS[spec.reason]
+            return _envelope_response(403, message, spec.reason, domain=domain)
         status = int(spec.kind)
         if path == "/token":
             error = "rate_limit_exceeded" if status == 429 else "internal_failure"

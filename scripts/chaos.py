@@ -348,7 +348,8 @@ def arm_faults(sandbox: str, rate: float) -> None:
         if kind == "429":
             spec["reset_s"] = 1
         if kind == "timeout":
-            spec["delay_ms"] = 2500
+            # Past the client's 0.5 s timeout; the emulator still does the call.
+            spec["delay_ms"] = 900
         requests.post(f"{sandbox}/_sandbox/faults", json=spec, timeout=10).raise_for_status()
 
 

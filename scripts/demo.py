@@ -34,6 +34,8 @@ DEMO_SECRETS = {
     "FORM_WEBHOOK_SECRET": "demo-form-secret",
     "ADMIN_TOKEN": "demo-admin-token",
     "UNSUBSCRIBE_SECRET": "demo-unsubscribe-secret",
+    "PIPEDRIVE_WEBHOOK_USER": "salesflow-demo",
+    "PIPEDRIVE_WEBHOOK_PASSWORD": "demo-pipedrive-webhook-password",
 }
 
 
@@ -229,11 +231,349 @@ def show(report: dict[str, Any]) -> None:
         "Emulator totals (before -> after): "
         + ", ".join(f"{key} {before[key]} -> {after[key]}" for key in after)
     )
-    print(f"Report written to {REPORT.relative_to(ROOT)}")
+
+
+# -- follow-up: a stage change starts a sequence, a reply stops it -----------------------
+
+
+def api_get(web: str, path: str, env: dict[str, str]) -> Any:
+    """GET on the run-history API."""
+    headers = {"Authorization": f"Bearer {env['ADMIN_TOKEN']}"}
+    answer = requests.get(f"{web}/api{path}", headers=headers, timeout=5)
+    answer.raise_for_status()
+    return answer.json()
+
+
+def finished_event(web: str, env: dict[str, str], source: str) -> dict[str, Any]:
+    """The newest event of a source, once its run has finished."""
+
+    def done() -> dict[str, Any] | None:
+        events = api_get(web, f"/events?source={source}", env)["events"]
+        if not events or events[0]["status"] not in ("succeeded", "failed", "ignored"):
+            return None
+        return api_get(web, f"/events/{events[0]['id']}", env)
+
+    return wait_until(done, f"the {source} event finishing")
+
+
+def sequence_step(enrollment_id: int, index: int) -> Any:
+    """One step's row of an enrollment (its status and due time)."""
+    from sqlalchemy import select
+
+    from core.store import SequenceStepRun, session
+
+    with session() as db:
+        return db.scalar(
+            select(SequenceStepRun).where(
+                SequenceStepRun.enrollment_id == enrollment_id,
+                SequenceStepRun.step_index == index,
+            )
+        )
+
+
+def drive_step(enrollment_id: int, index: int) -> dict[str, Any]:
+    """Run a sequence step at its due time, moving the sequences' clock there as the tests do."""
+    from core.store import as_utc, utcnow
+    from flows import sequences
+
+    due = as_utc(sequence_step(enrollment_id, index).due_at)
+    # A step due days ahead (or at the lead's next working hour) runs now, with the clock at
+    # its due time; the worker's own job for it then finds it done.
+    sequences.clock = lambda: max(due, utcnow())
+    outcome = sequences.run_step(enrollment_id, index)
+    if outcome == "skipped":
+        # Due already: the worker's scheduler took it first. Wait for its result.
+        wait_until(
+            lambda: sequence_step(enrollment_id, index).status not in ("scheduled", "running"),
+            f"step {index + 1} finishing",
+        )
+        outcome = sequence_step(enrollment_id, index).status
+    return {"due_at": due.isoformat(), "outcome": outcome}
+
+
+def move_to_stage(web: str, sandbox: str, env: dict[str, str], deal_id: int) -> dict[str, Any]:
+    """Subscribe to Pipedrive's webhooks, then move the deal as a rep would; the run history."""
+    import cli
+    from connectors import registry
+    from core.config import settings
+
+    trigger = next(
+        t for t in settings().follow_up.triggers if any(a.start_sequence for a in t.actions)
+    )
+    url = f"{web}/webhooks/pipedrive"
+    # The product's own `flask register-webhooks` logic, aimed at the demo's web process.
+    lines = cli.register_pipedrive_webhooks(
+        url, env["PIPEDRIVE_WEBHOOK_USER"], env["PIPEDRIVE_WEBHOOK_PASSWORD"]
+    )
+    _, stage_id = registry.pipedrive().stage_ids(trigger.pipeline or "", trigger.stage or "")
+    moved = requests.post(
+        f"{sandbox}/_sandbox/pipedrive/deals/{deal_id}", json={"stage_id": stage_id}, timeout=5
+    )
+    moved.raise_for_status()
+    event = finished_event(web, env, "pipedrive")
+    return {
+        "webhooks": [line.strip() for line in lines],
+        "trigger": trigger.name,
+        "stage": trigger.stage,
+        "event": event,
+    }
+
+
+def enrollment_row(enrollment_id: int) -> Any:
+    """The enrollment as the database holds it now."""
+    from core.store import Enrollment, session
+
+    with session() as db:
+        return db.get(Enrollment, enrollment_id)
+
+
+def thread_messages(sandbox: str, thread_id: str | None) -> list[dict[str, Any]]:
+    """The messages of one Gmail thread in the emulator, oldest first."""
+    state = requests.get(f"{sandbox}/_sandbox/state", timeout=5).json()
+    return [m for m in state["google"]["gmail"]["messages"] if m["threadId"] == thread_id]
+
+
+def until_reply(
+    web: str, sandbox: str, env: dict[str, str], event_id: str, enrollment_id: int
+) -> dict[str, Any]:
+    """Step 1 goes out, the lead replies in its thread, step 2's check stops the sequence."""
+    first = drive_step(enrollment_id, 0)
+    enrollment = enrollment_row(enrollment_id)
+    thread = thread_messages(sandbox, enrollment.thread_id)
+    first["subject"] = thread[0]["headers"]["Subject"] if thread else None
+
+    reply = requests.post(
+        f"{sandbox}/_sandbox/gmail/reply",
+        json={
+            "thread_id": enrollment.thread_id,
+            "from": f"{enrollment.name} <{enrollment.email}>",
+            "text": "Thanks, the proposal looks good. Can we talk on Friday?",
+        },
+        timeout=5,
+    )
+    reply.raise_for_status()
+
+    second = drive_step(enrollment_id, 1)
+    runs = api_get(web, f"/events/{event_id}", env)["runs"]
+    run = next((r for r in runs if r["flow"].endswith(f":{enrollment_id}:step2")), {})
+    second.update(run_status=run.get("status"), run_error=run.get("error"))
+    enrollment = enrollment_row(enrollment_id)
+    return {
+        "first_step": first,
+        "reply_message_id": reply.json()["id"],
+        "next_step": second,
+        "status": enrollment.status,
+        "stop_reason": enrollment.stop_reason,
+        "emails_sent": sum(
+            1 for m in thread_messages(sandbox, enrollment.thread_id) if "SENT" in m["labelIds"]
+        ),
+    }
+
+
+def follow_up(web: str, sandbox: str, env: dict[str, str], deal_id: int) -> dict[str, Any]:
+    """A deal enters the proposal stage: its trigger runs and starts the nurture sequence; the
+    first step is sent, the lead replies in the thread and the next step's check stops it."""
+    # The steps below run product code in this process: it reads the same environment.
+    os.environ.update(env)
+    moved = move_to_stage(web, sandbox, env, deal_id)
+    event = moved.pop("event")
+    result: dict[str, Any] = {
+        **moved,
+        "event_id": event["id"],
+        "status": event["status"],
+        "reason": event["reason"],
+        "deal_id": deal_id,
+    }
+    steps = {step["name"]: step for run in event["runs"] for step in run["steps"]}
+    result["actions"] = {
+        name: step["status"]
+        for name, step in steps.items()
+        if name not in ("check_origin", "match_triggers", "load_deal")
+    }
+    started = next((s for n, s in steps.items() if n.startswith("start_sequence")), None)
+    if event["status"] != "succeeded" or started is None:
+        return result
+
+    output = started["output"]
+    result["sequence"] = {
+        "enrollment_id": output["enrollment_id"],
+        "name": output["sequence"],
+        "timezone": output["timezone"],
+        **until_reply(web, sandbox, env, event["id"], output["enrollment_id"]),
+    }
+    return result
+
+
+def follow_up_held(result: dict[str, Any]) -> bool:
+    """The trigger ran, the first step went out, and the reply stopped the sequence."""
+    sequence = result.get("sequence") or {}
+    return (
+        result["status"] == "succeeded"
+        and set(result["actions"].values()) == {"succeeded"}
+        and sequence.get("first_step", {}).get("outcome") == "done"
+        and sequence.get("next_step", {}).get("outcome") == "stopped"
+        and sequence.get("next_step", {}).get("run_status") == "ignored"
+        and sequence.get("stop_reason") == "the lead replied"
+        and sequence.get("emails_sent") == 1
+    )
+
+
+def local_time(moment: str, zone: str) -> str:
+    """An ISO UTC time as the lead reads it: 'Fri 2026-12-04 09:00 Asia/Tbilisi'."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    return (
+        datetime.fromisoformat(moment)
+        .astimezone(ZoneInfo(zone))
+        .strftime(f"%a %Y-%m-%d %H:%M {zone}")
+    )
+
+
+def show_follow_up(result: dict[str, Any]) -> None:
+    """Print the follow-up section for a person to read."""
+    print("\nFollow-up")
+    print(f"- pipedrive event {result['event_id']}  {result['status']}")
+    for line in result["webhooks"]:
+        print(f"    register {line}")
+    print(f"    deal    #{result['deal_id']} moved to {result['stage']!r} in Pipedrive")
+    if result["status"] != "succeeded":
+        print(f"    reason: {result['reason']}")
+        return
+    for name, status in result["actions"].items():
+        print(f"    action  {name}: {status}")
+    sequence = result.get("sequence")
+    if not sequence:
+        return
+    zone = sequence["timezone"]
+    first, second = sequence["first_step"], sequence["next_step"]
+    print(
+        f"    sequence #{sequence['enrollment_id']} {sequence['name']}, in the lead's zone {zone}"
+    )
+    print(f"    step 1  due {local_time(first['due_at'], zone)}: {first['outcome']}")
+    print(f"            email {first['subject']!r}")
+    print("    reply   the lead answered in the same Gmail thread")
+    print(f"    step 2  due {local_time(second['due_at'], zone)}: run {second['run_status']}")
+    print(f"            {second['run_error']}")
+    print(
+        f"    sequence {sequence['status']} ({sequence['stop_reason']}); "
+        f"{sequence['emails_sent']} sequence email sent"
+    )
+    print("    (steps ran at their due times: the demo moves the sequences' clock, as tests do)")
+
+
+STARTING_ENV = dict(os.environ)
+
+
+def contract_config() -> Path:
+    """config.yaml with the proposal trigger sending the contract too (it ships commented out)."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
+    trigger = next(t for t in config["follow_up"]["triggers"] if t.get("stage"))
+    trigger["actions"].append({"send_contract": True})
+    path = INSTANCE / "demo-contract-config.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def contract_stack(stack: ExitStack) -> tuple[dict[str, str], str, str]:
+    """Its own emulators, database, Redis, web and worker, with the contract trigger on."""
+    # The environment the demo started with: the lead section's Redis and database are gone.
+    env = dict(STARTING_ENV, CONFIG_PATH=str(contract_config()))
+    for key, value in DEMO_SECRETS.items():
+        env.setdefault(key, value)
+    if not env.get("DATABASE_URL"):
+        for leftover in INSTANCE.glob("demo-contract.db*"):
+            leftover.unlink()
+        env["DATABASE_URL"] = f"sqlite:///{INSTANCE / 'demo-contract.db'}"
+    if not env.get("REDIS_URL"):
+        from core.queue import start_embedded_redis
+
+        shutil.rmtree(INSTANCE / "redis-contract", ignore_errors=True)
+        server, env["REDIS_URL"] = start_embedded_redis(INSTANCE / "redis-contract")
+        stack.callback(lambda: server.shutdown(nosave=True))
+    port = free_port()
+    start(stack, "contract-sandbox", [sys.executable, "-m", "sandbox", "--port", str(port)], env)
+    sandbox = f"http://127.0.0.1:{port}"
+    wait_until(lambda: requests.get(f"{sandbox}/_sandbox/health", timeout=1).ok, "the sandbox")
+    env.update(requests.get(f"{sandbox}/_sandbox/env", timeout=5).json())
+    alembic = [str(BIN / "alembic"), "upgrade", "head"]
+    subprocess.run(alembic, cwd=ROOT, env=env, check=True, capture_output=True)
+    web = f"http://127.0.0.1:{free_port()}"
+    env.setdefault("PUBLIC_BASE_URL", web)
+    gunicorn = [str(BIN / "gunicorn"), "--bind", web.removeprefix("http://"), "app:create_app()"]
+    start(stack, "contract-web", gunicorn, env)
+    worker = [str(BIN / "rq"), "worker", "--worker-class", "core.worker.FlowWorker"]
+    start(stack, "contract-worker", [*worker, "--url", env["REDIS_URL"], "flows"], env)
+    wait_until(lambda: requests.get(f"{web}/healthz", timeout=1).ok, "the web start")
+    return env, sandbox, web
+
+
+def contract_demo() -> dict[str, Any]:
+    """One deal from the proposal stage to signed: Pipedrive webhook, envelope, Connect."""
+    with ExitStack() as stack:
+        env, sandbox, web = contract_stack(stack)
+        pipedrive = requests.Session()
+        pipedrive.headers["x-api-token"] = env["PIPEDRIVE_API_TOKEN"]
+        base = env["PIPEDRIVE_BASE_URL"]
+        hook = {
+            "subscription_url": f"{web}/webhooks/pipedrive", "event_action": "change",
+            "event_object": "deal", "version": "2.0", "name": "demo contract",
+            "http_auth_user": env["PIPEDRIVE_WEBHOOK_USER"],
+            "http_auth_password": env["PIPEDRIVE_WEBHOOK_PASSWORD"],
+        }  # fmt: skip
+        pipedrive.post(f"{base}/v1/webhooks", json=hook, timeout=5).raise_for_status()
+        connect = {"url": f"{web}/webhooks/docusign", "include_documents": True}
+        requests.post(f"{sandbox}/_sandbox/docusign/connect", json=connect, timeout=5)
+        deal = {"title": "Nino Beridze — Website design", "person_id": 1842, "org_id": 733}
+        deal |= {"owner_id": 21458877, "stage_id": 3, "value": 4800, "currency": "EUR"}
+        deal_id = pipedrive.post(f"{base}/api/v2/deals", json=deal, timeout=5).json()["data"]["id"]
+
+        started = time.perf_counter()
+        # A rep moves the deal to "Proposal made" in Pipedrive: its webhook sets it off.
+        moved = requests.post(
+            f"{sandbox}/_sandbox/pipedrive/deals/{deal_id}", json={"stage_id": 4}, timeout=5
+        )
+        moved.raise_for_status()
+
+        def state() -> dict[str, Any]:
+            return requests.get(f"{sandbox}/_sandbox/state", timeout=5).json()
+
+        [envelope] = wait_until(lambda: state()["docusign"]["envelopes"], "the envelope")
+        sent_ms = round((time.perf_counter() - started) * 1000)
+        signing = f"{sandbox}/_sandbox/docusign/envelopes/{envelope['envelopeId']}/sign"
+        requests.post(signing, json={}, timeout=5).raise_for_status()
+
+        def signed() -> dict[str, Any] | None:
+            now = state()["pipedrive"]
+            done = next(d for d in now["deals"] if d["id"] == deal_id)
+            files = [f for f in now["files"] if f["deal_id"] == deal_id]
+            return {"deal": done, "files": files} if done["status"] == "won" and files else None
+
+        final = wait_until(signed, "the signed contract closing the deal")
+        return {
+            "deal_id": deal_id,
+            "envelope_id": envelope["envelopeId"],
+            "envelopes": len(state()["docusign"]["envelopes"]),
+            "deal_status": final["deal"]["status"],
+            "signed_pdf": [f["name"] for f in final["files"]],
+            "stage_to_envelope_ms": sent_ms,
+            "signed": len(final["files"]) == 1,
+        }
+
+
+def show_contract(result: dict[str, Any]) -> None:
+    """Print the contract section."""
+    print("\nContract")
+    print(f"- deal #{result['deal_id']} entered Proposal made")
+    print(f"    envelope {result['envelope_id']} sent in {result['stage_to_envelope_ms']} ms")
+    print(f"    signed: deal {result['deal_status']}, attached {', '.join(result['signed_pdf'])}")
 
 
 def main() -> int:
-    """Run the demo; exit 0 when each lead has one person, one deal and one email."""
+    """Run the demo; exit 0 when each lead has one person, one deal and one email, and the
+    stage change started a sequence whose first step went out and a reply stopped it."""
     INSTANCE.mkdir(exist_ok=True)
     with ExitStack() as stack:
         env = prepare_environment(stack)
@@ -291,9 +631,16 @@ def main() -> int:
             "emulator_counts_before": before,
             "emulator_counts_after": counts(sandbox),
         }
+        moved = next((lead for lead in leads if lead["status"] == "succeeded"), None)
+        report["follow_up"] = follow_up(web, sandbox, env, moved["deal"]["id"]) if moved else None
 
+    report["contract"] = contract_demo()
     REPORT.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     show(report)
+    if report["follow_up"]:
+        show_follow_up(report["follow_up"])
+    show_contract(report["contract"])
+    print(f"\nReport written to {REPORT.relative_to(ROOT)}")
     after, before = report["emulator_counts_after"], report["emulator_counts_before"]
     grown = {key: after[key] - before[key] for key in after}
     created = sum(1 for lead in leads if lead.get("person", {}).get("created"))
@@ -302,6 +649,10 @@ def main() -> int:
         and grown["deals"] == grown["notes"] == grown["emails"] == len(leads)
         and grown["persons"] == created
         and repeat["status"] == "duplicate"
+        and report["follow_up"] is not None
+        and follow_up_held(report["follow_up"])
+        and report["contract"]["signed"]
+        and report["contract"]["envelopes"] == 1
     )
     print("demo: OK" if ok else "demo: FAILED (see instance/*.log)")
     return 0 if ok else 1

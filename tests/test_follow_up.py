@@ -177,6 +177,13 @@ def test_entering_a_stage_sends_the_email_the_activity_and_the_reminder(live_app
     assert reminder["start"] == {"dateTime": f"{day}T10:00:00+04:00", "timeZone": "Asia/Tbilisi"}
     assert reminder["summary"] == "Proposal follow-up: Nino Beridze — Website design"
 
+    # The fourth action enrols the deal's person in the nurture sequence; its first step
+    # waits on RQ's schedule (a burst worker runs no scheduler), so no second email yet.
+    started = steps(event.id)["start_sequence 4: proposal made"]
+    assert started["status"] == "succeeded"
+    assert started["output"]["status"] == "enrolled"
+    assert started["output"]["sequence"] == "proposal_nurture"
+
 
 def side_effect_keys() -> list[str]:
     with session() as db:
@@ -231,32 +238,54 @@ def test_a_calendar_insert_that_gets_409_is_done(environment, clean, sandbox):
     assert len(calendar(sandbox)) == 1
 
 
-def test_won_runs_the_won_trigger(live_app, sandbox):
+def proposal_then(sandbox, live_app, **change: Any) -> tuple[int, Event, Event]:
+    """A deal enters "Proposal made" (the sequence starts), then changes again."""
     deal_id = new_deal(sandbox)
     subscribe(sandbox, live_app)
-    sandbox.pipedrive_change_deal(deal_id, status="won")
+    sandbox.pipedrive_change_deal(deal_id, stage_id=PROPOSAL_MADE)
     delivered(sandbox, 1)
     run_worker()
-
-    [event] = pipedrive_events()
-    assert event.status == "succeeded"
-    assert steps(event.id)["match_triggers"]["output"] == {"triggers": ["deal won"]}
-    [activity] = activities(sandbox, deal_id)
-    assert activity["subject"] == "Send the welcome pack for Nino Beridze — Website design"
-    assert emails(sandbox) == [] and calendar(sandbox) == []
-
-
-def test_lost_without_a_trigger_does_nothing(live_app, sandbox):
-    deal_id = new_deal(sandbox)
-    subscribe(sandbox, live_app)
-    sandbox.pipedrive_change_deal(deal_id, status="lost", lost_reason="Budget")
-    delivered(sandbox, 1)
+    sandbox.pipedrive_change_deal(deal_id, **change)
+    delivered(sandbox, 2)
     run_worker()
+    entered, changed = sorted(pipedrive_events(), key=lambda e: e.received_at)
+    return deal_id, entered, changed
 
-    [event] = pipedrive_events()
-    assert event.status == "succeeded"
-    assert steps(event.id)["match_triggers"]["output"] == {"triggers": []}
-    assert activities(sandbox, deal_id) == [] and emails(sandbox) == []
+
+def test_won_runs_the_won_trigger_and_stops_the_sequence(live_app, sandbox):
+    deal_id, entered, won = proposal_then(sandbox, live_app, status="won")
+
+    assert won.status == "succeeded"
+    assert steps(won.id)["match_triggers"]["output"] == {"triggers": ["deal won"]}
+    welcome = [a for a in activities(sandbox, deal_id) if a["type"] == "task"]
+    assert [a["subject"] for a in welcome] == [
+        "Send the welcome pack for Nino Beridze — Website design"
+    ]
+    enrolled = steps(entered.id)["start_sequence 4: proposal made"]["output"]
+    stopped = steps(won.id)["stop_sequences 2: deal won"]["output"]
+    assert stopped == {"stopped": [enrolled["enrollment_id"]], "reason": "the deal was won"}
+    assert enrollment_state(deal_id) == ("stopped", "the deal was won")
+    assert len(emails(sandbox)) == 1 and len(calendar(sandbox)) == 1  # the proposal's own
+
+
+def test_lost_stops_the_sequence_and_does_nothing_else(live_app, sandbox):
+    deal_id, _, lost = proposal_then(sandbox, live_app, status="lost", lost_reason="Budget")
+
+    assert lost.status == "succeeded"
+    assert steps(lost.id)["match_triggers"]["output"] == {"triggers": ["deal lost"]}
+    assert set(steps(lost.id)) == {
+        "check_origin", "match_triggers", "load_deal", "stop_sequences 1: deal lost"
+    }  # fmt: skip
+    assert enrollment_state(deal_id) == ("stopped", "the deal was lost")
+    assert [a["type"] for a in activities(sandbox, deal_id)] == ["call"]  # the proposal's own
+
+
+def enrollment_state(deal_id: int) -> tuple[str, str | None]:
+    from core.store import Enrollment
+
+    with session() as db:
+        row = db.scalar(select(Enrollment).where(Enrollment.deal_id == deal_id))
+        return row.status, row.stop_reason
 
 
 def test_a_value_edit_in_the_stage_is_ignored(live_app, sandbox):
@@ -279,6 +308,10 @@ def test_entering_another_stage_fires_nothing(live_app, sandbox):
 
     [event] = pipedrive_events()
     assert steps(event.id)["match_triggers"]["output"] == {"triggers": []}
+    assert (event.status, event.reason) == (
+        "ignored",
+        "no trigger in config.yaml acts on this change",
+    )
     assert emails(sandbox) == [] and calendar(sandbox) == []
 
 
@@ -327,7 +360,10 @@ def test_our_own_api_change_comes_back_and_triggers_nothing(live_app, sandbox):
 
     assert run_worker() == 2
     for event in pipedrive_events():
-        assert event.status == "succeeded"
+        assert (event.status, event.reason) == (
+            "ignored",
+            "this product made the change through the API: no trigger runs",
+        )
         assert steps(event.id)["check_origin"]["output"]["own_change"] is True
         assert "match_triggers" not in steps(event.id)
     assert emails(sandbox) == [] and activities(sandbox, deal_id) == []
@@ -486,3 +522,36 @@ def test_business_days_skip_weekends(start, days, due) -> None:
     from flows.follow_up import add_business_days
 
     assert add_business_days(start, days) == due
+
+
+# -- flask check-config ------------------------------------------------------------------
+
+
+def test_check_config_names_missing_and_broken_follow_up_and_sequence_templates(
+    app, tmp_path, monkeypatch
+):
+    import shutil
+
+    from core import templates
+
+    folder = tmp_path / "templates"
+    shutil.copytree(templates.TEMPLATE_DIR, folder)
+    (folder / "email" / "proposal_follow_up.html.j2").unlink()
+    (folder / "email" / "sequence_followup.txt.j2").write_text("Hi {{ lead.name", "utf-8")
+    monkeypatch.setattr(templates, "TEMPLATE_DIR", folder)
+
+    result = app.test_cli_runner().invoke(args=["check-config"])
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert lines == [
+        "error: follow_up.triggers[0].actions[0].email.template: "
+        "templates/email/proposal_follow_up.html.j2 is missing",
+        "error: sequences.proposal_nurture.steps[1].template (email/sequence_followup.txt.j2): "
+        "the Jinja template does not parse (line 1): unexpected end of template, expected "
+        "'end of print statement'.",
+    ]
+
+
+def test_check_config_passes_the_shipped_templates(app):
+    result = app.test_cli_runner().invoke(args=["check-config"])
+    assert result.exit_code == 0, result.output

@@ -472,6 +472,50 @@ def test_gmail_errors_are_retried_and_the_email_goes_once(clock, sandbox) -> Non
     assert statuses == [503, 429, 200]
 
 
+@pytest.mark.parametrize("reason", ["rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded"])
+def test_a_throttling_403_is_retried_and_the_email_goes_once(clock, sandbox, reason) -> None:
+    deal_id = make_deal()
+    start(deal_id)
+    sandbox.fault(vendor="google", kind="google_403", reason=reason, path="messages/send")
+    run_next(clock)
+    assert len(sent(sandbox)) == 1
+    statuses = [c["status"] for c in sandbox.state()["calls"] if "messages/send" in c["path"]]
+    assert statuses == [403, 200]
+    assert [r.status for r in step_runs(enrollment(deal_id).id)] == ["done", "scheduled"]
+
+
+def test_a_plain_403_fails_the_step_at_once(clock, sandbox, client) -> None:
+    deal_id = make_deal()
+    event_id, _ = start(deal_id)
+    sandbox.fault(
+        vendor="google", kind="google_403", reason="insufficientPermissions", path="messages/send"
+    )
+    run_next(clock)
+    assert sent(sandbox) == []
+    statuses = [c["status"] for c in sandbox.state()["calls"] if "messages/send" in c["path"]]
+    assert statuses == [403]  # no retry within the job, and none scheduled for later
+    failed = enrollment(deal_id)
+    assert failed.status == "failed"
+    assert [r.status for r in step_runs(failed.id)] == ["failed"]
+    run = history(client, event_id)[f"sequence:{SEQUENCE}:{failed.id}:step1"]
+    assert run["status"] == "failed" and "status 403" in run["error"]
+    assert pending_run() is None
+
+
+def test_flask_sweep_queues_the_due_steps_too(clock, sandbox, app) -> None:
+    deal_id = make_deal()
+    start(deal_id)
+    run_next(clock)
+    queue.connection().flushdb()
+    clock.now = as_utc(pending_run().due_at)
+
+    result = app.test_cli_runner().invoke(args=["sweep"])
+    assert result.exit_code == 0, result.output
+    assert "requeued 1 sequence steps" in result.output
+    run_worker()
+    assert len(sent(sandbox)) == 2
+
+
 def test_invalid_grant_parks_the_step_and_resumes_after_reauthorisation(
     clock, sandbox, client, monkeypatch
 ) -> None:
