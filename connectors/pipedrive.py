@@ -187,6 +187,16 @@ class PipedriveClient:
             lambda: self._v2("GET", f"/stages/{stage_id}", "get stage")["data"],
         )
 
+    def pipeline_stages(self, pipeline_id: int) -> list[dict[str, Any]]:
+        """The pipeline's stages in their order (order_nr)."""
+        stages = self._list_v2("/stages", "list stages", {"pipeline_id": pipeline_id})
+        return sorted(stages, key=lambda stage: stage.get("order_nr", 0))
+
+    def pipeline_deals(self, pipeline_id: int) -> list[dict[str, Any]]:
+        """Every open, won and lost deal of a pipeline (for the dashboard's funnel)."""
+        params = {"pipeline_id": pipeline_id, "status": "open,won,lost"}
+        return self._list_v2("/deals", "list deals", params)
+
     def pipeline_id(self, pipeline_name: str) -> int:
         """The id of the pipeline config.yaml names."""
 

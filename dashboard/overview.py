@@ -1,4 +1,4 @@
-"""The overview: leads, speed to lead, assignment, sequences, contracts."""
+"""The overview: leads, speed to lead, assignment, the funnel, sequences, contracts."""
 
 from typing import Any
 
@@ -7,7 +7,7 @@ from flask.typing import ResponseReturnValue
 
 from core.config import settings
 from core.store import utcnow
-from dashboard import stats
+from dashboard import funnel, stats
 from dashboard.blueprint import bp
 
 
@@ -42,4 +42,5 @@ def overview() -> ResponseReturnValue:
         chart=_chart(speed),
         reps=stats.assignments(span, current),
         sequences=stats.sequences(current),
+        funnel=funnel.funnel(current),
     )
