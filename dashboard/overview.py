@@ -43,4 +43,5 @@ def overview() -> ResponseReturnValue:
         reps=stats.assignments(span, current),
         sequences=stats.sequences(current),
         funnel=funnel.funnel(current),
+        contracts=stats.contracts(current),
     )

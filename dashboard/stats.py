@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.config import Settings
-from core.store import Enrollment, Event, FlowRun, Step, as_utc, session
+from core.store import ContractEnvelope, Enrollment, Event, FlowRun, Step, as_utc, session
 
 # The sources flows/dispatch.py routes to lead capture (a test keeps the two in step).
 LEAD_SOURCES = ("typeform", "form", "browser_form", "facebook")
@@ -190,3 +190,41 @@ def sequences(current: Settings) -> SequenceCounts | None:
     if not statuses and not current.sequences:
         return None
     return SequenceCounts(statuses, [(reason or "no reason", count) for reason, count in reasons])
+
+
+@dataclass(frozen=True)
+class ContractCounts:
+    """Envelopes sent, signed and declined, and how long clients take to sign."""
+
+    sent: int
+    signed: int
+    declined: int
+    voided: int
+    median_hours_to_sign: float | None
+
+
+def contracts(current: Settings) -> ContractCounts | None:
+    """Contract envelopes from the store, or None while contracts are not configured."""
+    with session() as db:
+        rows = db.execute(
+            select(
+                ContractEnvelope.status,
+                ContractEnvelope.sent_at,
+                ContractEnvelope.status_changed_at,
+            )
+        ).all()
+    if not rows and current.contracts is None:
+        return None
+    sent_states = {"sent", "delivered", "completed", "declined", "voided"}
+    waits = [
+        (as_utc(changed) - as_utc(sent)).total_seconds() / 3600
+        for status, sent, changed in rows
+        if status == "completed" and sent is not None and changed is not None
+    ]
+    return ContractCounts(
+        sent=sum(1 for status, _, _ in rows if status in sent_states),
+        signed=sum(1 for status, _, _ in rows if status == "completed"),
+        declined=sum(1 for status, _, _ in rows if status == "declined"),
+        voided=sum(1 for status, _, _ in rows if status == "voided"),
+        median_hours_to_sign=percentile(waits, 0.5) if waits else None,
+    )

@@ -48,3 +48,40 @@ def test_pipedrive_down_shows_a_sentence_not_an_error(client, sandbox) -> None:
     sign_in(client)
     html = page(client, "/dashboard/overview")
     assert "Pipedrive did not answer" in html
+
+
+def test_the_overview_counts_contracts_and_the_median_time_to_sign(client, sandbox) -> None:
+    from datetime import timedelta
+
+    from core.store import ContractEnvelope, session, utcnow
+
+    sent = utcnow() - timedelta(days=2)
+    rows = [
+        ("completed", 2),
+        ("completed", 6),
+        ("completed", 30),
+        ("declined", 5),
+        ("sent", None),
+        ("voided", 1),
+    ]
+    with session() as db:
+        for index, (status, hours) in enumerate(rows):
+            changed = sent + timedelta(hours=hours) if hours is not None else None
+            db.add(
+                ContractEnvelope(
+                    key=f"k{index}",
+                    envelope_id=f"e{index}",
+                    deal_id=index,
+                    contract="Service agreement",
+                    status=status,
+                    sent_at=sent,
+                    status_changed_at=changed,
+                )
+            )
+    funnel._cache.clear()
+    sign_in(client)
+    html = page(client, "/dashboard/overview")
+    assert 'data-metric="contracts-sent">6<' in html
+    assert 'data-metric="contracts-signed">3<' in html
+    assert 'data-metric="contracts-declined">1<' in html
+    assert "Median time to sign:\n      6.0 hours; 1 voided." in html
