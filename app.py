@@ -46,6 +46,9 @@ def create_app() -> Flask:
     from web.unsubscribe import unsubscribe
 
     app.config["RATELIMIT_STORAGE_URI"] = storage_uri()
+    if app.config["RATELIMIT_STORAGE_URI"].startswith("rediss://"):
+        # The same self-signed TLS as the queue's connection (core.queue.connection).
+        app.config["RATELIMIT_STORAGE_OPTIONS"] = {"ssl_cert_reqs": "none"}
     limiter.init_app(app)
     app.register_blueprint(webhooks)
     app.register_blueprint(health)

@@ -282,7 +282,8 @@ def backlog(bench: Bench, quick: bool) -> list[Row]:
     made = _vendor_delta(before, after)
     done = counts["succeeded"]
     # Lost: failed, or missing from the store; unfinished ones still wait in the queue.
-    lost = counts["failed"] + count - sum(counts.values())
+    # A dropped answer can still have stored its event: stored beyond the 200s is not lost.
+    lost = counts["failed"] + max(0, count - sum(counts.values()))
     unfinished = count - done - counts["failed"]
     every = all(value == done for value in made.values())
     drained = (

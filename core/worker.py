@@ -130,3 +130,19 @@ class InProcessFlowWorker(SimpleWorker):
         except Exception as exc:
             logger.error("sweep failed error=%s", logs.safe_traceback(exc))
         _poll_envelopes()
+
+
+def main() -> None:
+    """The Procfile's worker: a FlowWorker with its scheduler on the product's own connection.
+
+    `rq worker --url` would open its own connection, without the TLS settings Heroku's
+    self-signed `rediss://` needs (see core.queue.connection).
+    """
+    from core import queue
+
+    worker = FlowWorker([queue.queue()], connection=queue.connection())
+    worker.work(with_scheduler=True)
+
+
+if __name__ == "__main__":
+    main()

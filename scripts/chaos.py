@@ -165,16 +165,8 @@ class Workers:
 
     def _spawn(self, number: int) -> subprocess.Popen:
         log = (WORKDIR / f"worker-{number}.log").open("a")
-        command = [
-            str(BIN / "rq"),
-            "worker",
-            "--with-scheduler",
-            "--worker-class",
-            "core.worker.FlowWorker",
-            "--url",
-            self._env["REDIS_URL"],
-            "flows",
-        ]
+        # The Procfile's worker command.
+        command = [sys.executable, "-m", "core.worker"]
         return subprocess.Popen(
             command,
             cwd=ROOT,

@@ -549,16 +549,8 @@ def main() -> int:
         start(
             stack,
             "worker",
-            [
-                str(BIN / "rq"),
-                "worker",
-                "--with-scheduler",
-                "--worker-class",
-                "core.worker.FlowWorker",
-                "--url",
-                env["REDIS_URL"],
-                "flows",
-            ],
+            # The Procfile's worker command.
+            [sys.executable, "-m", "core.worker"],
             env,
         )
         wait_until(lambda: requests.get(f"{web}/healthz", timeout=1).ok, "the web start")
