@@ -3,15 +3,13 @@
 import logging
 from typing import Any
 
-import google_auth_httplib2
 import httplib2
 from google.auth.exceptions import RefreshError, TransportError
-from google.oauth2.credentials import Credentials
 from googleapiclient.discovery import build
 from googleapiclient.errors import HttpError
 
 from connectors.errors import VendorError
-from connectors.gmail import classify
+from connectors.gmail import authorized_http, classify
 from connectors.retry import call_with_retry
 from core.config import Google, Retry
 
@@ -26,17 +24,7 @@ class CalendarClient:
 
     def __init__(self, settings: Google, retry: Retry) -> None:
         self._retry = retry
-        credentials = Credentials(
-            token=None,
-            refresh_token=settings.refresh_token,
-            token_uri=settings.token_url,
-            client_id=settings.client_id,
-            client_secret=settings.client_secret,
-            scopes=SCOPES,
-        )
-        http = google_auth_httplib2.AuthorizedHttp(
-            credentials, http=httplib2.Http(timeout=settings.timeout_s)
-        )
+        http = authorized_http(settings, SCOPES)
         # The bundled discovery document's root is googleapis.com/calendar/v3/.
         options = (
             {"api_endpoint": settings.api_base_url.rstrip("/") + "/calendar/v3/"}

@@ -103,23 +103,31 @@ def build_message(
     return message
 
 
+def authorized_http(settings: Google, scopes: Sequence[str]) -> Any:
+    """An HTTP client with the sending mailbox's OAuth grant and the configured timeout.
+
+    Gmail, Calendar, Drive and Docs share the grant; each client asks for its own scopes.
+    """
+    credentials = Credentials(
+        token=None,
+        refresh_token=settings.refresh_token,
+        token_uri=settings.token_url,
+        client_id=settings.client_id,
+        client_secret=settings.client_secret,
+        scopes=list(scopes),
+    )
+    return google_auth_httplib2.AuthorizedHttp(
+        credentials, http=httplib2.Http(timeout=settings.timeout_s)
+    )
+
+
 class GmailClient:
     """Sends and finds messages of the authorised mailbox."""
 
     def __init__(self, settings: Google, retry: Retry) -> None:
         self._retry = retry
         self._user = settings.sender
-        credentials = Credentials(
-            token=None,
-            refresh_token=settings.refresh_token,
-            token_uri=settings.token_url,
-            client_id=settings.client_id,
-            client_secret=settings.client_secret,
-            scopes=SCOPES,
-        )
-        http = google_auth_httplib2.AuthorizedHttp(
-            credentials, http=httplib2.Http(timeout=settings.timeout_s)
-        )
+        http = authorized_http(settings, SCOPES)
         options = {"api_endpoint": settings.api_base_url} if settings.api_base_url else None
         self._service = build(
             "gmail",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from connectors.errors import FlowAbort, FlowIgnored, VendorError
@@ -42,7 +42,8 @@ class RunContext:
         with session() as db:
             step = Step(run_id=self.run_id, name=name, attempt=self.attempt, status="running")
             db.add(step)
-            db.get(Event, self.event_id).updated_at = utcnow()
+            # A heartbeat for the sweep; an UPDATE, not a load of the event's whole payload.
+            db.execute(update(Event).where(Event.id == self.event_id).values(updated_at=utcnow()))
         logger.info("step started event_id=%s flow=%s step=%s", self.event_id, self.flow, name)
 
         try:

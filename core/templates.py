@@ -4,7 +4,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from jinja2 import FileSystemLoader, select_autoescape
+from jinja2 import FileSystemLoader, Template, select_autoescape
 from jinja2.sandbox import SandboxedEnvironment
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -31,9 +31,15 @@ def render_file(name: str, context: dict[str, Any]) -> str:
     return _files().get_template(name).render(context)
 
 
+@functools.lru_cache(maxsize=256)
+def _compiled(source: str) -> Template:
+    # config.yaml's templates are few and fixed: compile each once per process.
+    return _strings().from_string(source)
+
+
 def render_string(source: str, context: dict[str, Any]) -> str:
     """Render a one-line template from config.yaml (a deal title, a subject)."""
-    return _strings().from_string(source).render(context).strip()
+    return _compiled(source).render(context).strip()
 
 
 def check_template(source: str) -> None:

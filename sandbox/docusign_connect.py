@@ -221,7 +221,9 @@ def xml_message(
             _sub(element, "DocumentID", document["documentId"])
             _sub(element, "DocumentType", "CONTENT")
     _sub(root, "TimeZone", ACCOUNT_ZONE_NAME)
-    _sub(root, "TimeZoneOffset", str(int(local.utcoffset().total_seconds() // 3600)))  # type: ignore[union-attr]
+    offset = local.utcoffset()
+    hours = int(offset.total_seconds() // 3600) if offset is not None else 0
+    _sub(root, "TimeZoneOffset", str(hours))
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
