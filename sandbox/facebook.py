@@ -62,7 +62,7 @@ control = Blueprint("facebook_control", __name__, url_prefix="/_sandbox/graph")
 
 
 def meta_json(value: Any) -> bytes:
-    """Serialise the way Meta does: compact, non-ASCII as \\uXXXX and `/` as `\\/`."""
+    """Serialise the way Meta does: compact, non-ASCII as \\u escapes and `/` as `\\/`."""
     text = json.dumps(value, ensure_ascii=True, separators=(",", ":"))
     return text.replace("/", "\\/").encode("ascii")
 
