@@ -191,66 +191,49 @@ class Webhooks(_Strict):
     form: WebhookSettings
 
 
-class TypeformForm(_Strict):
-    """How one Typeform form's answers become a lead."""
+class _LeadForm(_Strict):
+    """What every lead source's form shares: a field mapping, a source label, a region."""
 
-    # Typeform answer ref -> lead attribute (name, email, phone, company, ...).
+    # The source's field name -> lead attribute (name, email, phone, company, ...).
     fields: dict[str, str]
+    lead_source: str
+    region: str | None = None
+
+    @field_validator("fields")
+    @classmethod
+    def _known_attributes(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_attributes(value)
+
+
+class TypeformForm(_LeadForm):
+    """How one Typeform form's answers become a lead (fields keyed by answer ref)."""
+
     lead_source: str = "Typeform"
-    region: str | None = None
-
-    @field_validator("fields")
-    @classmethod
-    def _known_attributes(cls, value: dict[str, str]) -> dict[str, str]:
-        return _check_attributes(value)
 
 
-class WebsiteForm(_Strict):
-    """How the website backend's signed JSON becomes a lead."""
+class WebsiteForm(_LeadForm):
+    """How the website backend's signed JSON becomes a lead (keys of its `fields`)."""
 
-    # Key in the posted `fields` object -> lead attribute.
-    fields: dict[str, str]
     lead_source: str = "Website"
-    region: str | None = None
-
-    @field_validator("fields")
-    @classmethod
-    def _known_attributes(cls, value: dict[str, str]) -> dict[str, str]:
-        return _check_attributes(value)
 
 
-class FacebookForm(_Strict):
-    """How one lead-ad form's fields become a lead."""
+class FacebookForm(_LeadForm):
+    """How one lead-ad form's fields become a lead (a standard name or the question's text)."""
 
-    # Lead-ad field name (a standard name or the question's own text) -> lead attribute.
     fields: dict[str, str] = Field(default_factory=dict)
     lead_source: str = "Facebook"
-    region: str | None = None
     # Lead ads often ask only for a phone number.
     require_email: bool = False
 
-    @field_validator("fields")
-    @classmethod
-    def _known_attributes(cls, value: dict[str, str]) -> dict[str, str]:
-        return _check_attributes(value)
 
+class BrowserForm(_LeadForm):
+    """A contact form posted straight from visitors' browsers (posted field names)."""
 
-class BrowserForm(_Strict):
-    """A contact form posted straight from visitors' browsers."""
-
-    # Posted field name -> lead attribute.
-    fields: dict[str, str]
     lead_source: str = "Website"
-    region: str | None = None
     allowed_origins: list[str] = Field(min_length=1)
     thank_you_url: str
     honeypot: str | None = "website"
     rate_limit: str = "5 per minute;50 per day"
-
-    @field_validator("fields")
-    @classmethod
-    def _known_attributes(cls, value: dict[str, str]) -> dict[str, str]:
-        return _check_attributes(value)
 
 
 class LeadSources(_Strict):
