@@ -3,14 +3,10 @@
 import logging
 from typing import Any
 
-import httplib2
-from google.auth.exceptions import RefreshError, TransportError
 from googleapiclient.discovery import build
-from googleapiclient.errors import HttpError
 
 from connectors.errors import VendorError
-from connectors.gmail import authorized_http, classify
-from connectors.retry import call_with_retry
+from connectors.gmail import authorized_http, execute
 from core.config import Google, Retry
 
 logger = logging.getLogger(__name__)
@@ -41,19 +37,7 @@ class CalendarClient:
         )
 
     def _execute(self, request: Any, what: str) -> dict[str, Any]:
-        def attempt() -> dict[str, Any]:
-            try:
-                return request.execute(num_retries=0)
-            except (
-                HttpError,
-                RefreshError,
-                TransportError,
-                OSError,
-                httplib2.HttpLib2Error,
-            ) as exc:
-                raise classify(exc, what, VENDOR) from exc
-
-        return call_with_retry(attempt, self._retry, what=what)
+        return execute(request, what, self._retry, VENDOR)
 
     def get_event(self, calendar_id: str, event_id: str) -> dict[str, Any] | None:
         """events.get, or None when the calendar has no such event."""

@@ -121,6 +121,23 @@ def authorized_http(settings: Google, scopes: Sequence[str]) -> Any:
     )
 
 
+GOOGLE_ERRORS = (HttpError, RefreshError, TransportError, OSError, httplib2.HttpLib2Error)
+
+
+def execute(
+    request: Any, what: str, retry: Retry, vendor: str = VENDOR, write: bool = False
+) -> Any:
+    """Run a google-api-python-client request under the shared retry policy."""
+
+    def attempt() -> Any:
+        try:
+            return request.execute(num_retries=0)
+        except GOOGLE_ERRORS as exc:
+            raise classify(exc, what, vendor, write=write) from exc
+
+    return call_with_retry(attempt, retry, what=what)
+
+
 class GmailClient:
     """Sends and finds messages of the authorised mailbox."""
 
@@ -139,19 +156,7 @@ class GmailClient:
         )
 
     def _execute(self, request: Any, what: str, write: bool = False) -> dict[str, Any]:
-        def attempt() -> dict[str, Any]:
-            try:
-                return request.execute(num_retries=0)
-            except (
-                HttpError,
-                RefreshError,
-                TransportError,
-                OSError,
-                httplib2.HttpLib2Error,
-            ) as exc:
-                raise classify(exc, what, write=write) from exc
-
-        return call_with_retry(attempt, self._retry, what=what)
+        return execute(request, what, self._retry, write=write)
 
     def send(self, message: EmailMessage, thread_id: str | None = None) -> dict[str, Any]:
         """users.messages.send with the whole message as base64url `raw`."""

@@ -4,14 +4,10 @@ import logging
 import re
 from typing import Any
 
-import httplib2
-from google.auth.exceptions import RefreshError, TransportError
 from googleapiclient.discovery import build
-from googleapiclient.errors import HttpError
 
 from connectors.errors import VendorError
-from connectors.gmail import authorized_http, classify
-from connectors.retry import call_with_retry
+from connectors.gmail import authorized_http, execute
 from core.config import Google, Retry
 
 logger = logging.getLogger(__name__)
@@ -23,7 +19,6 @@ SCOPES = [
 ]
 PDF = "application/pdf"
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_.-]+)\s*\}\}")
-_ERRORS = (HttpError, RefreshError, TransportError, OSError, httplib2.HttpLib2Error)
 
 
 class GoogleDocsClient:
@@ -49,13 +44,7 @@ class GoogleDocsClient:
         )
 
     def _execute(self, request: Any, what: str, write: bool = False) -> Any:
-        def attempt() -> Any:
-            try:
-                return request.execute(num_retries=0)
-            except _ERRORS as exc:
-                raise classify(exc, what, VENDOR, write=write) from exc
-
-        return call_with_retry(attempt, self._retry, what=what)
+        return execute(request, what, self._retry, VENDOR, write=write)
 
     def text(self, document_id: str) -> str:
         """The document's text, paragraph by paragraph (documents.get)."""

@@ -91,13 +91,7 @@ class Rep(_Strict):
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(
-                f"expected an IANA time zone such as Europe/Berlin, got {value!r}"
-            ) from None
-        return value
+        return _check_zone(value)
 
     @field_validator("working_hours")
     @classmethod
@@ -579,13 +573,7 @@ class Dashboard(_Strict):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(
-                f"expected an IANA time zone such as Europe/Berlin, got {value!r}"
-            ) from None
-        return value
+        return _check_zone(value)
 
 
 class Unsubscribe(_Strict):
@@ -830,6 +818,16 @@ class Settings(_Strict):
         if value.upper() not in phonenumbers.SUPPORTED_REGIONS:
             raise ValueError(f"expected an ISO 3166 region code such as GE or US, got {value!r}")
         return value.upper()
+
+
+def _check_zone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"expected an IANA time zone such as Europe/Berlin, got {value!r}"
+        ) from None
+    return value
 
 
 def _check_attributes(mapping: dict[str, str]) -> dict[str, str]:
