@@ -35,6 +35,8 @@ from scripts.demo import BIN, DEMO_SECRETS, ROOT, free_port, start, wait_until
 WORKDIR = ROOT / "instance" / "chaos"
 SOURCES = ("typeform", "form", "facebook", "browser_form")
 FINAL = ("succeeded", "failed", "ignored")
+# Vendor-call timeout for the run: short, so that a timeout fault costs the worker one second.
+CLIENT_TIMEOUT_S = 1.0
 
 
 @dataclass
@@ -340,8 +342,8 @@ def arm_faults(sandbox: str, rate: float) -> None:
         if kind == "429":
             spec["reset_s"] = 1
         if kind == "timeout":
-            # Past the client's 0.5 s timeout; the emulator still does the call.
-            spec["delay_ms"] = 900
+            # Past the client's timeout: the emulator does the call, the client never hears.
+            spec["delay_ms"] = int(CLIENT_TIMEOUT_S * 1000 * 1.5)
         requests.post(f"{sandbox}/_sandbox/faults", json=spec, timeout=10).raise_for_status()
 
 
@@ -364,8 +366,9 @@ def main() -> int:
     env = {
         **os.environ,
         **DEMO_SECRETS,
-        "PIPEDRIVE_TIMEOUT_S": "2",
-        "GOOGLE_TIMEOUT_S": "2",
+        # A timeout fault (below) must outlast these, so that it is a real client timeout.
+        "PIPEDRIVE_TIMEOUT_S": str(CLIENT_TIMEOUT_S),
+        "GOOGLE_TIMEOUT_S": str(CLIENT_TIMEOUT_S),
         "WEB_CONCURRENCY": "2",
     }
     env.setdefault("DATABASE_URL", f"sqlite:///{WORKDIR / 'chaos.db'}")
