@@ -3,12 +3,13 @@
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
 
 from connectors.errors import FlowAbort, FlowIgnored, VendorError
 from core.logs import safe_traceback
@@ -36,20 +37,20 @@ class RunContext:
     flow: str
     run_id: int
     attempt: int
+    # Steps now open, innermost last, and "done" records that ride on the next step's commit.
+    _open_steps: list[str] = field(default_factory=list, compare=False, repr=False)
+    _deferred: dict[str, Result] = field(default_factory=dict, compare=False, repr=False)
 
     def step(self, name: str, action: Callable[[], Result]) -> Result:
         """Run one named step and record its status, timing, output and error."""
-        with session() as db:
-            step = Step(run_id=self.run_id, name=name, attempt=self.attempt, status="running")
-            db.add(step)
-            # A heartbeat for the sweep; an UPDATE, not a load of the event's whole payload.
-            db.execute(update(Event).where(Event.id == self.event_id).values(updated_at=utcnow()))
+        started_at = utcnow()
         logger.info("step started event_id=%s flow=%s step=%s", self.event_id, self.flow, name)
-
+        self._open_steps.append(name)
         try:
             output = action()
         except Exception as exc:
-            _finish_step(step.id, "failed", None, _describe(exc))
+            self._open_steps.pop()
+            self._record_step(name, started_at, "failed", None, _describe(exc))
             logger.info(
                 "step failed event_id=%s flow=%s step=%s error=%s",
                 self.event_id,
@@ -59,7 +60,8 @@ class RunContext:
             )
             raise
 
-        _finish_step(step.id, "succeeded", output, None)
+        self._open_steps.pop()
+        self._record_step(name, started_at, "succeeded", output, None)
         logger.info("step succeeded event_id=%s flow=%s step=%s", self.event_id, self.flow, name)
         return output
 
@@ -70,32 +72,87 @@ class RunContext:
         recover: Callable[[], Result | None] | None = None,
     ) -> Result:
         """Do a side effect once per key; a retry after a crash asks `recover` first."""
-        with session() as db:
-            effect = db.get(SideEffect, key)
-            if effect is not None and effect.status == "done":
-                return effect.result or {}
-            pending_since = effect.created_at if effect is not None else None
+        effect = _claim(key)
+        if effect is not None and effect.status == "done":
+            return effect.result or {}
 
-        if pending_since is not None:
+        if effect is not None:
             # The last attempt may have reached the vendor and died before recording it.
             found = recover() if recover is not None else None
             if found is not None:
-                _complete_effect(key, found)
+                self._complete(key, found, recoverable=True)
                 return found
-            if _age(pending_since) < PENDING_STALE:
+            if _age(effect.created_at) < PENDING_STALE:
                 # Young: another job may be in the middle of it right now.
                 raise RetryLater(f"side effect {key} is in progress elsewhere")
-        else:
-            try:
-                with session() as db:
-                    db.add(SideEffect(key=key, status="pending"))
-            except IntegrityError:
-                # Another job holds the same key: let the retry schedule sort it out.
-                raise RetryLater(f"side effect {key} is being done by another job") from None
 
         result = _act(key, action, recover)
-        _complete_effect(key, result)
+        self._complete(key, result, recoverable=recover is not None)
         return result
+
+    def _complete(self, key: str, result: Result, *, recoverable: bool) -> None:
+        # Inside a step, an effect that `recover` can find again is marked done with the
+        # step's own record: one commit, not two. Should the worker die in between, the
+        # pending key makes the next attempt ask the vendor, so nothing is done twice.
+        # An effect nobody can look up is marked done at once.
+        if recoverable and self._open_steps:
+            self._deferred[key] = result
+            return
+        with session() as db:
+            _mark_done(db, key, result)
+
+    def _record_step(
+        self,
+        name: str,
+        started_at: datetime,
+        status: str,
+        output: Result | None,
+        error: str | None,
+    ) -> None:
+        # One commit per step: its record, the effects done inside it and the sweep's heartbeat.
+        with session() as db:
+            db.add(
+                Step(
+                    run_id=self.run_id,
+                    name=name,
+                    attempt=self.attempt,
+                    status=status,
+                    output=output,
+                    error=error,
+                    started_at=started_at,
+                    finished_at=utcnow(),
+                )
+            )
+            self._flush_deferred(db)
+            # A heartbeat for the sweep; an UPDATE, not a load of the event's whole payload.
+            db.execute(update(Event).where(Event.id == self.event_id).values(updated_at=utcnow()))
+
+    def _flush_deferred(self, db: Session) -> None:
+        for key, result in self._deferred.items():
+            _mark_done(db, key, result)
+        self._deferred.clear()
+
+
+def _claim(key: str) -> SideEffect | None:
+    """Record `key` as pending; when it exists already, return its record instead."""
+    try:
+        with session() as db:
+            db.add(SideEffect(key=key, status="pending"))
+        return None
+    except IntegrityError:
+        pass
+    with session() as db:
+        effect = db.get(SideEffect, key)
+    if effect is None:
+        # Seen a moment ago and gone now: let the retry schedule look again.
+        raise RetryLater(f"side effect {key} changed under us")
+    return effect
+
+
+def _mark_done(db: Session, key: str, result: Result) -> None:
+    effect = db.get(SideEffect, key) or SideEffect(key=key)
+    effect.status, effect.result = "done", result
+    db.add(effect)
 
 
 def _act(
@@ -133,21 +190,7 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or exc.__class__.__name__
 
 
-def _finish_step(step_id: int, status: str, output: Result | None, error: str | None) -> None:
-    with session() as db:
-        step = db.get(Step, step_id)
-        step.status, step.output, step.error = status, output, error
-        step.finished_at = utcnow()
-
-
-def _complete_effect(key: str, result: Result) -> None:
-    with session() as db:
-        effect = db.get(SideEffect, key) or SideEffect(key=key)
-        effect.status, effect.result = "done", result
-        db.add(effect)
-
-
-def _start(event_id: str, flow: str) -> RunContext | None:
+def _start(event_id: str, flow: str) -> tuple[RunContext, Event] | None:
     with session() as db:
         event = db.get(Event, event_id)
         if event is None:
@@ -164,7 +207,9 @@ def _start(event_id: str, flow: str) -> RunContext | None:
         run.status, run.error, run.finished_at = "running", None, None
         event.status, event.reason = "running", None
         db.flush()
-        return RunContext(event_id=event_id, flow=flow, run_id=run.id, attempt=run.attempts)
+        ctx = RunContext(event_id=event_id, flow=flow, run_id=run.id, attempt=run.attempts)
+        # Loaded in this session and kept after its commit: the flow reads it, never writes it.
+        return ctx, event
 
 
 def _finish(ctx: RunContext, status: str, reason: str | None) -> None:
@@ -173,6 +218,8 @@ def _finish(ctx: RunContext, status: str, reason: str | None) -> None:
         run.status, run.error, run.finished_at = status, reason, utcnow()
         event = db.get(Event, ctx.event_id)
         event.status, event.reason = status, reason
+        # What a step could not record (its own commit failed) is not dropped.
+        ctx._flush_deferred(db)
     logger.info(
         "run %s event_id=%s flow=%s attempt=%d", status, ctx.event_id, ctx.flow, ctx.attempt
     )
@@ -186,11 +233,10 @@ def execute(
     retries_left: int = 0,
 ) -> str:
     """Run a flow for an event and record the outcome; returns the run's final status."""
-    ctx = _start(event_id, flow)
-    if ctx is None:
+    started = _start(event_id, flow)
+    if started is None:
         return "skipped"
-    with session() as db:
-        event = db.get(Event, event_id)
+    ctx, event = started
 
     try:
         body(ctx, event)

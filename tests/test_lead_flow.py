@@ -335,3 +335,38 @@ def test_a_sent_email_whose_answer_is_lost_is_sent_once(client, sandbox, monkeyp
     run_worker()
     assert event_status(accepted["event_id"]) == ("succeeded", None)
     assert len(messages(sandbox)) == 1
+
+
+def test_a_worker_dying_before_its_step_is_recorded_writes_nothing_twice(
+    client, sandbox, monkeypatch
+) -> None:
+    from datetime import timedelta
+
+    from core import runs
+    from core.store import SideEffect, utcnow
+    from flows import lead_capture
+
+    accepted = post_form(client, load_fixture("form/lead.json"))
+    event_id = accepted["event_id"]
+    record = runs.RunContext._record_step
+
+    def die_after_the_deal(self, name, *args, **kwargs):
+        # The deal exists at the vendor; the process dies before the step's commit.
+        if name == "create_deal":
+            raise SystemExit("killed")
+        return record(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(runs.RunContext, "_record_step", die_after_the_deal)
+    with pytest.raises(SystemExit):
+        lead_capture.run(event_id)
+    monkeypatch.setattr(runs.RunContext, "_record_step", record)
+    with session() as db:
+        pending = [e for e in db.query(SideEffect) if e.key.startswith("deal:")]
+        assert [e.status for e in pending] == ["pending"]
+        pending[0].created_at = utcnow() - timedelta(hours=1)
+    assert len(pipedrive(sandbox)["deals"]) == 1
+
+    assert lead_capture.run(event_id) == "succeeded"
+    state = pipedrive(sandbox)
+    assert len(state["deals"]) == 1 and len(state["notes"]) == 1
+    assert len(messages(sandbox)) == 1
