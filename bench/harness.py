@@ -172,19 +172,22 @@ class Bench:
         return process, url
 
     def worker(self, index: int) -> subprocess.Popen:
-        """The Procfile's queue worker command."""
-        command = [
-            str(BIN / "rq"),
-            "worker",
-            "--with-scheduler",
-            "--worker-class",
-            os.environ.get("BENCH_WORKER_CLASS", "core.worker.FlowWorker"),
-            "--url",
-            self.env["REDIS_URL"],
-            "--logging_level",
-            "WARNING",
-            "flows",
-        ]
+        """The Procfile's queue worker command, or `rq worker` with BENCH_WORKER_CLASS."""
+        command = [sys.executable, "-m", "core.worker"]
+        worker_class = os.environ.get("BENCH_WORKER_CLASS")
+        if worker_class:
+            command = [
+                str(BIN / "rq"),
+                "worker",
+                "--with-scheduler",
+                "--worker-class",
+                worker_class,
+                "--url",
+                self.env["REDIS_URL"],
+                "--logging_level",
+                "WARNING",
+                "flows",
+            ]
         return self.start(f"worker-{index}", command)
 
 

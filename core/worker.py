@@ -1,147 +1,115 @@
-"""The RQ worker classes: a forking worker that warms connectors once and sweeps stranded work."""
+"""The Procfile's worker: a small supervisor that keeps one in-process RQ worker running.
+
+The supervisor imports nothing heavy. It forks a child that loads the flows and runs
+core.flow_worker.InProcessFlowWorker for up to JOBS_PER_CHILD jobs (so that memory a job
+leaks is given back), and starts another child when that one exits or dies, with a
+growing pause when children die young. A job whose child died is run again by the sweep.
+On SIGTERM the child finishes its current job; after GRACE_S it is killed, within the
+30 s Heroku and Render allow.
+"""
 
 import logging
+import os
+import signal
+import sys
 import time
-from typing import Any
 
-from rq.defaults import DEFAULT_MAINTENANCE_TASK_INTERVAL, DEFAULT_WORKER_TTL
-from rq.worker import SimpleWorker, Worker
-
-# Imported here so that each forked work-horse inherits the flow modules instead of
-# importing them again for every job.
-import flows.dispatch  # noqa: E402,F401
-from connectors import registry
 from core import logs
-from core.config import settings
-from core.recovery import requeue_stranded
-from core.templates import _files
-from flows.contract import poll_envelopes
-from flows.sequences import requeue_due_steps
 
 logger = logging.getLogger(__name__)
 
-SWEEP_INTERVAL_S = 30
-# The idle worker blocks on Redis for worker_ttl - 15 s between maintenance runs: 45 keeps
-# the sweep at about every 30 s even when no job arrives (and after Redis comes back empty).
-WORKER_TTL_S = 45
-# Warm again a little before the Pipedrive lookup cache (600 s) and the Google token (1 h)
-# run out, so the work-horses inherit fresh ones instead of each fetching its own.
-REWARM_INTERVAL_S = 300
+JOBS_PER_CHILD = 5000
+GRACE_S = 25
+# A child that lived shorter than this died of something at start-up (Redis down, a bad
+# config): wait before the next, up to MAX_PAUSE_S.
+YOUNG_S = 10
+MAX_PAUSE_S = 30
 
 
-def warm_up() -> None:
-    """Build the connectors and fill their caches so that every forked work-horse inherits them.
+class Supervisor:
+    """Fork worker children one at a time; pass SIGTERM and SIGINT on to the child."""
 
-    A forked work-horse starts from a copy of this process: what is built here (HTTP
-    sessions, Pipedrive users, stages and deal fields, the Google access token, compiled
-    email templates) is not fetched again per job. A vendor that is down only costs the
-    warm-up: the horses then fetch what they need themselves.
-    """
-    current = settings()
-    started = time.perf_counter()
-    try:
-        pipedrive = registry.pipedrive()
-        pipedrive.active_user_ids()
-        pipedrive.deal_fields()
-        capture = current.lead_capture
-        pipedrive.stage_ids(capture.pipeline, capture.stage)
-        # A read-only call makes the Gmail client refresh its access token now.
-        registry.gmail().find_by_message_id("<warm-up@salesflow.invalid>")
-    except Exception as exc:
-        logger.warning("warm-up incomplete error=%s", exc.__class__.__name__)
-    env = _files()
-    for name in env.list_templates(extensions=["j2"]):
-        env.get_template(name)
-    _close_connections()
-    logger.info("connectors warmed ms=%d", (time.perf_counter() - started) * 1000)
+    def __init__(self) -> None:
+        self.child: int | None = None
+        self.stopping = False
 
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        logger.info("stopping signal=%s", signal.Signals(signum).name)
+        if self.child:
+            os.kill(self.child, signum)
 
-def _close_connections() -> None:
-    # Kept-alive sockets must not be shared between the parent and its horses: each horse
-    # opens its own connection on first use and the parent keeps none.
-    registry.pipedrive()._http.close()
-    service = registry.gmail()._service
-    http = getattr(getattr(service, "_http", None), "http", None)
-    for connection in getattr(http, "connections", {}).values():
-        connection.close()
-    if http is not None:
-        http.connections.clear()
-
-
-def _our_defaults(kwargs: dict[str, Any]) -> None:
-    # `rq worker` passes its own defaults explicitly: replace those, keep deliberate flags.
-    for key, rq_default, ours in (
-        ("maintenance_interval", DEFAULT_MAINTENANCE_TASK_INTERVAL, SWEEP_INTERVAL_S),
-        ("worker_ttl", DEFAULT_WORKER_TTL, WORKER_TTL_S),
-        ("default_worker_ttl", DEFAULT_WORKER_TTL, WORKER_TTL_S),
-    ):
-        if kwargs.get(key) in (None, rq_default):
-            kwargs[key] = ours
-
-
-def _poll_envelopes() -> None:
-    # Envelopes Connect has been silent about (at most one poll per 15 minutes each).
-    try:
-        poll_envelopes()
-    except Exception as exc:
-        logger.error("envelope poll failed error=%s", logs.safe_traceback(exc))
-
-
-class FlowWorker(Worker):
-    """rq's forking Worker: connectors warmed once in the parent, a sweep every 30 s."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        _our_defaults(kwargs)
-        super().__init__(*args, **kwargs)
-        logs.configure(settings().log_level)
-        warm_up()
-        self._warmed_at = time.monotonic()
-
-    def run_maintenance_tasks(self) -> None:
-        """RQ's registry clean-up, then the sweep, then a fresh warm-up when due."""
-        super().run_maintenance_tasks()
+    def _spawn(self) -> int:
+        pid = os.fork()
+        if pid:
+            return pid
+        code = 0
         try:
-            requeue_stranded()
-            requeue_due_steps()
-        except Exception as exc:
-            # The sweep must never take the worker down; the next interval tries again.
-            logger.error("sweep failed error=%s", logs.safe_traceback(exc))
-        _poll_envelopes()
-        if time.monotonic() - self._warmed_at > REWARM_INTERVAL_S:
-            warm_up()
-            self._warmed_at = time.monotonic()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, signal.SIG_DFL)
+            # Only the child loads the flows, the vendors' clients and the database driver.
+            from core import flow_worker
 
+            flow_worker.run(max_jobs=JOBS_PER_CHILD)
+        except BaseException as exc:  # the child's last word; the supervisor decides what next
+            logger.error("worker process failed error=%s", logs.safe_traceback(exc))
+            code = 1
+        finally:
+            logging.shutdown()
+            os._exit(code)
 
-class InProcessFlowWorker(SimpleWorker):
-    """Runs jobs in the worker process itself (no fork): for measuring what forking costs."""
+    def _wait(self, pid: int) -> int:
+        deadline: float | None = None
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            if self.stopping and deadline is None:
+                deadline = time.monotonic() + GRACE_S
+            if deadline is not None and time.monotonic() > deadline:
+                logger.warning("worker process still busy after %d s: killing it", GRACE_S)
+                os.kill(pid, signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.2)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        _our_defaults(kwargs)
-        super().__init__(*args, **kwargs)
-        logs.configure(settings().log_level)
-        warm_up()
+    def run(self) -> int:
+        """Keep a child running until a signal says stop; returns the last child's exit code."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        pause = 1.0
+        code = 0
+        while not self.stopping:
+            born = time.monotonic()
+            self.child = self._spawn()
+            code = self._wait(self.child)
+            self.child = None
+            if self.stopping:
+                break
+            if code == 0:
+                logger.info("worker process retired after its jobs; starting another")
+                pause = 1.0
+                continue
+            lived = time.monotonic() - born
+            pause = min(pause * 2, MAX_PAUSE_S) if lived < YOUNG_S else 1.0
+            logger.warning(
+                "worker process died code=%d lived_s=%.0f; another in %.0f s", code, lived, pause
+            )
+            self._pause(pause)
+        return code
 
-    def run_maintenance_tasks(self) -> None:
-        """RQ's registry clean-up, then the sweep."""
-        super().run_maintenance_tasks()
-        try:
-            requeue_stranded()
-            requeue_due_steps()
-        except Exception as exc:
-            logger.error("sweep failed error=%s", logs.safe_traceback(exc))
-        _poll_envelopes()
+    def _pause(self, seconds: float) -> None:
+        # In short naps, so that a SIGTERM during the pause ends it at once.
+        until = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < until:
+            time.sleep(0.2)
 
 
 def main() -> None:
-    """The Procfile's worker: a FlowWorker with its scheduler on the product's own connection.
-
-    `rq worker --url` would open its own connection, without the TLS settings Heroku's
-    self-signed `rediss://` needs (see core.queue.connection).
-    """
-    from core import queue
-
-    worker = FlowWorker([queue.queue()], connection=queue.connection())
-    worker.work(with_scheduler=True)
+    """Supervise in-process workers until SIGTERM."""
+    logs.configure()
+    sys.exit(Supervisor().run())
 
 
 if __name__ == "__main__":

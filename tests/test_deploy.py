@@ -424,7 +424,7 @@ def start_workers(count: int, *flags: str) -> list[subprocess.Popen]:
         "--burst",
         *flags,
         "--worker-class",
-        "core.worker.FlowWorker",
+        "core.flow_worker.FlowWorker",
         "--url",
         os.environ["REDIS_URL"],
         "flows",

@@ -562,7 +562,7 @@ def test_a_lead_without_a_phone_zone_uses_the_owners(clock, sandbox) -> None:
 
 
 def test_the_workers_maintenance_runs_the_sequence_sweep(clock, sandbox) -> None:
-    from core.worker import FlowWorker
+    from core.flow_worker import FlowWorker
 
     deal_id = make_deal()
     start(deal_id)
