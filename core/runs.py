@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import event as sa_event
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -31,26 +32,29 @@ class RetryLater(Exception):
 
 @dataclass(frozen=True)
 class RunContext:
-    """What a flow's steps need to record themselves."""
+    """What a flow's steps need to record themselves.
+
+    Step records and "done" marks are written with the next commit the run makes anyway:
+    the claim of the next side effect, or the run's end. A worker that dies in between
+    loses only history; every effect it did is still claimed (pending), so the next
+    attempt asks the vendor before doing it again.
+    """
 
     event_id: str
     flow: str
     run_id: int
     attempt: int
-    # Steps now open, innermost last, and "done" records that ride on the next step's commit.
-    _open_steps: list[str] = field(default_factory=list, compare=False, repr=False)
-    _deferred: dict[str, Result] = field(default_factory=dict, compare=False, repr=False)
+    _unsaved_steps: list[dict[str, Any]] = field(default_factory=list, compare=False, repr=False)
+    _unsaved_done: dict[str, Result] = field(default_factory=dict, compare=False, repr=False)
 
     def step(self, name: str, action: Callable[[], Result]) -> Result:
         """Run one named step and record its status, timing, output and error."""
         started_at = utcnow()
         logger.info("step started event_id=%s flow=%s step=%s", self.event_id, self.flow, name)
-        self._open_steps.append(name)
         try:
             output = action()
         except Exception as exc:
-            self._open_steps.pop()
-            self._record_step(name, started_at, "failed", None, _describe(exc))
+            self._note_step(name, started_at, "failed", None, _describe(exc))
             logger.info(
                 "step failed event_id=%s flow=%s step=%s error=%s",
                 self.event_id,
@@ -60,8 +64,7 @@ class RunContext:
             )
             raise
 
-        self._open_steps.pop()
-        self._record_step(name, started_at, "succeeded", output, None)
+        self._note_step(name, started_at, "succeeded", output, None)
         logger.info("step succeeded event_id=%s flow=%s step=%s", self.event_id, self.flow, name)
         return output
 
@@ -72,7 +75,7 @@ class RunContext:
         recover: Callable[[], Result | None] | None = None,
     ) -> Result:
         """Do a side effect once per key; a retry after a crash asks `recover` first."""
-        effect = _claim(key)
+        effect = self._claim(key)
         if effect is not None and effect.status == "done":
             return effect.result or {}
 
@@ -80,28 +83,41 @@ class RunContext:
             # The last attempt may have reached the vendor and died before recording it.
             found = recover() if recover is not None else None
             if found is not None:
-                self._complete(key, found, recoverable=True)
+                self._unsaved_done[key] = found
                 return found
             if _age(effect.created_at) < PENDING_STALE:
                 # Young: another job may be in the middle of it right now.
                 raise RetryLater(f"side effect {key} is in progress elsewhere")
 
         result = _act(key, action, recover)
-        self._complete(key, result, recoverable=recover is not None)
+        self._unsaved_done[key] = result
+        if recover is None:
+            # Nobody could look this one up after a crash: mark it done at once.
+            with session() as db:
+                self.save_into(db)
         return result
 
-    def _complete(self, key: str, result: Result, *, recoverable: bool) -> None:
-        # Inside a step, an effect that `recover` can find again is marked done with the
-        # step's own record: one commit, not two. Should the worker die in between, the
-        # pending key makes the next attempt ask the vendor, so nothing is done twice.
-        # An effect nobody can look up is marked done at once.
-        if recoverable and self._open_steps:
-            self._deferred[key] = result
-            return
-        with session() as db:
-            _mark_done(db, key, result)
+    def save_into(self, db: Session) -> None:
+        """Write the steps and done marks not saved yet, and a heartbeat, in `db`'s transaction."""
+        for values in self._unsaved_steps:
+            db.add(Step(run_id=self.run_id, attempt=self.attempt, **values))
+        for key, result in self._unsaved_done.items():
+            # The key was claimed (inserted) before the vendor call, so an UPDATE finds it.
+            db.execute(
+                update(SideEffect)
+                .where(SideEffect.key == key)
+                .values(status="done", result=result, updated_at=utcnow())
+            )
+        # A heartbeat for the sweep; an UPDATE, not a load of the event's whole payload.
+        db.execute(update(Event).where(Event.id == self.event_id).values(updated_at=utcnow()))
+        # Forgotten only once written: a transaction that fails keeps them for the next one.
+        sa_event.listen(db, "after_commit", self._forget_saved, once=True)
 
-    def _record_step(
+    def _forget_saved(self, db: Session) -> None:
+        self._unsaved_steps.clear()
+        self._unsaved_done.clear()
+
+    def _note_step(
         self,
         name: str,
         started_at: datetime,
@@ -109,50 +125,33 @@ class RunContext:
         output: Result | None,
         error: str | None,
     ) -> None:
-        # One commit per step: its record, the effects done inside it and the sweep's heartbeat.
+        self._unsaved_steps.append(
+            {
+                "name": name,
+                "status": status,
+                "output": output,
+                "error": error,
+                "started_at": started_at,
+                "finished_at": utcnow(),
+            }
+        )
+
+    def _claim(self, key: str) -> SideEffect | None:
+        """Record `key` as pending with what is unsaved; if it exists, return its record."""
+        try:
+            with session() as db:
+                self.save_into(db)
+                db.add(SideEffect(key=key, status="pending"))
+            return None
+        except IntegrityError:
+            pass
         with session() as db:
-            db.add(
-                Step(
-                    run_id=self.run_id,
-                    name=name,
-                    attempt=self.attempt,
-                    status=status,
-                    output=output,
-                    error=error,
-                    started_at=started_at,
-                    finished_at=utcnow(),
-                )
-            )
-            self._flush_deferred(db)
-            # A heartbeat for the sweep; an UPDATE, not a load of the event's whole payload.
-            db.execute(update(Event).where(Event.id == self.event_id).values(updated_at=utcnow()))
-
-    def _flush_deferred(self, db: Session) -> None:
-        for key, result in self._deferred.items():
-            _mark_done(db, key, result)
-        self._deferred.clear()
-
-
-def _claim(key: str) -> SideEffect | None:
-    """Record `key` as pending; when it exists already, return its record instead."""
-    try:
-        with session() as db:
-            db.add(SideEffect(key=key, status="pending"))
-        return None
-    except IntegrityError:
-        pass
-    with session() as db:
-        effect = db.get(SideEffect, key)
-    if effect is None:
-        # Seen a moment ago and gone now: let the retry schedule look again.
-        raise RetryLater(f"side effect {key} changed under us")
-    return effect
-
-
-def _mark_done(db: Session, key: str, result: Result) -> None:
-    effect = db.get(SideEffect, key) or SideEffect(key=key)
-    effect.status, effect.result = "done", result
-    db.add(effect)
+            self.save_into(db)
+            effect = db.get(SideEffect, key)
+        if effect is None:
+            # Seen a moment ago and gone now: let the retry schedule look again.
+            raise RetryLater(f"side effect {key} changed under us")
+        return effect
 
 
 def _act(
@@ -218,8 +217,7 @@ def _finish(ctx: RunContext, status: str, reason: str | None) -> None:
         run.status, run.error, run.finished_at = status, reason, utcnow()
         event = db.get(Event, ctx.event_id)
         event.status, event.reason = status, reason
-        # What a step could not record (its own commit failed) is not dropped.
-        ctx._flush_deferred(db)
+        ctx.save_into(db)
     logger.info(
         "run %s event_id=%s flow=%s attempt=%d", status, ctx.event_id, ctx.flow, ctx.attempt
     )

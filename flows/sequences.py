@@ -496,6 +496,7 @@ def _finish_flow(ctx: RunContext, status: str, error: str | None) -> None:
     with session() as db:
         run = db.get(FlowRun, ctx.run_id)
         run.status, run.error, run.finished_at = status, error, utcnow()
+        ctx.save_into(db)
 
 
 def _advance(

@@ -337,7 +337,7 @@ def test_a_sent_email_whose_answer_is_lost_is_sent_once(client, sandbox, monkeyp
     assert len(messages(sandbox)) == 1
 
 
-def test_a_worker_dying_before_its_step_is_recorded_writes_nothing_twice(
+def test_a_worker_dying_before_its_deal_is_marked_done_writes_nothing_twice(
     client, sandbox, monkeypatch
 ) -> None:
     from datetime import timedelta
@@ -348,18 +348,18 @@ def test_a_worker_dying_before_its_step_is_recorded_writes_nothing_twice(
 
     accepted = post_form(client, load_fixture("form/lead.json"))
     event_id = accepted["event_id"]
-    record = runs.RunContext._record_step
+    note_step = runs.RunContext._note_step
 
     def die_after_the_deal(self, name, *args, **kwargs):
-        # The deal exists at the vendor; the process dies before the step's commit.
+        # The deal exists at the vendor; the process dies before anything more is saved.
         if name == "create_deal":
             raise SystemExit("killed")
-        return record(self, name, *args, **kwargs)
+        return note_step(self, name, *args, **kwargs)
 
-    monkeypatch.setattr(runs.RunContext, "_record_step", die_after_the_deal)
+    monkeypatch.setattr(runs.RunContext, "_note_step", die_after_the_deal)
     with pytest.raises(SystemExit):
         lead_capture.run(event_id)
-    monkeypatch.setattr(runs.RunContext, "_record_step", record)
+    monkeypatch.setattr(runs.RunContext, "_note_step", note_step)
     with session() as db:
         pending = [e for e in db.query(SideEffect) if e.key.startswith("deal:")]
         assert [e.status for e in pending] == ["pending"]
