@@ -48,6 +48,25 @@ def _error_for(
     return PermanentVendorError(VENDOR, f"{what} answered {status}", **kwargs)
 
 
+class _V1Client(pipedrive.client.Client):
+    """pipedrive-python-lib's v1 client, sending through our kept-alive session.
+
+    The library sends each call with `requests.request`, a new connection (a new TLS
+    handshake with Pipedrive) every time, and puts the token in the query string; our
+    session reuses its connections and carries the token in the x-api-token header.
+    """
+
+    def __init__(self, domain: str, session: requests.Session) -> None:
+        super().__init__(domain=domain)
+        self._session = session
+
+    def _request(
+        self, method: str, url: str, headers: Any = None, params: Any = None, **kwargs: Any
+    ) -> Any:
+        response = self._session.request(method, url, headers=headers, params=params, **kwargs)
+        return self._parse(response)
+
+
 class PipedriveClient:
     """The calls the flows make, with timeouts, the retry policy and cached lookups."""
 
@@ -61,8 +80,7 @@ class PipedriveClient:
         )
         # pipedrive-python-lib still serves the v1 endpoints (users, notes); it sends no
         # timeout of its own, so every call below passes one.
-        self._v1 = pipedrive.client.Client(domain=self._base)
-        self._v1.set_api_token(settings.api_token)
+        self._v1 = _V1Client(self._base, self._http)
         self._cache: dict[str, tuple[float, Any]] = {}
 
     # -- transport ---------------------------------------------------------------------

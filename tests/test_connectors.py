@@ -104,3 +104,27 @@ def test_other_google_403s_and_400s_are_permanent() -> None:
         _classify(google_error(400, "invalidArgument"), "send"), PermanentVendorError
     )
     assert isinstance(_classify(google_error(503, "backendError"), "send"), TransientVendorError)
+
+
+def test_v1_notes_go_through_our_kept_alive_session_with_the_token_in_a_header(
+    clean, sandbox
+) -> None:
+    from connectors import registry
+
+    client = registry.pipedrive()
+    sent: list[tuple[str, str, Any]] = []
+    send = client._http.request
+
+    def recording(method: str, url: str, **kwargs: Any) -> Any:
+        sent.append((method, url, kwargs.get("params")))
+        return send(method, url, **kwargs)
+
+    client._http.request = recording  # type: ignore[method-assign]
+    deal = client.create_deal({"title": "Keep-alive check"})
+    note = client.add_note(deal["id"], "hello")
+
+    assert note["deal_id"] == deal["id"]
+    notes = [(method, url, params) for method, url, params in sent if url.endswith("/v1/notes")]
+    assert len(notes) == 1
+    assert "api_token" not in notes[0][1] and "api_token" not in (notes[0][2] or {})
+    assert client._http.headers["x-api-token"]

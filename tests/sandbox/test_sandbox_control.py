@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import urllib3
 from pipedrive.client import Client
 
 from sandbox.testing import SandboxError, SandboxServer
@@ -182,6 +183,11 @@ def test_module_serves_in_its_own_process() -> None:
         assert line == f"sandbox listening on http://127.0.0.1:{port}"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/_sandbox/health", timeout=5) as r:
             assert json.loads(r.read()) == {"status": "ok"}
+        # Like the vendors, it keeps a connection open for the next call.
+        pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=1)
+        for _ in range(3):
+            assert pool.request("GET", "/_sandbox/health").status == 200
+        assert pool.num_connections == 1
     finally:
         process.terminate()
         process.wait(timeout=5)
