@@ -212,12 +212,20 @@ def _start(event_id: str, flow: str) -> tuple[RunContext, Event] | None:
 
 
 def _finish(ctx: RunContext, status: str, reason: str | None) -> None:
+    # Plain UPDATEs: loading the rows (the event with its whole payload) would only cost.
     with session() as db:
-        run = db.get(FlowRun, ctx.run_id)
-        run.status, run.error, run.finished_at = status, reason, utcnow()
-        event = db.get(Event, ctx.event_id)
-        event.status, event.reason = status, reason
         ctx.save_into(db)
+        finished = utcnow()
+        db.execute(
+            update(FlowRun)
+            .where(FlowRun.id == ctx.run_id)
+            .values(status=status, error=reason, finished_at=finished)
+        )
+        db.execute(
+            update(Event)
+            .where(Event.id == ctx.event_id)
+            .values(status=status, reason=reason, updated_at=finished)
+        )
     logger.info(
         "run %s event_id=%s flow=%s attempt=%d", status, ctx.event_id, ctx.flow, ctx.attempt
     )
