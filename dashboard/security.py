@@ -38,7 +38,8 @@ def configure_sessions(app: Flask) -> None:
     """SECRET_KEY from the environment and the session cookie's flags."""
     key = os.environ.get("SECRET_KEY", "")
     if not key:
-        # Sessions then end with the process, and each gunicorn worker signs its own.
+        # Sessions then end with the process: gunicorn's master (the app is preloaded there),
+        # whose workers share this key, or a process that ran create_app() itself.
         logger.warning("SECRET_KEY is not set: dashboard sessions last only for this process")
         key = secrets.token_urlsafe(32)
     app.secret_key = key

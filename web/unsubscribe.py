@@ -5,7 +5,6 @@ from markupsafe import escape
 
 from core.config import settings
 from core.store import Enrollment
-from flows.sequences import enrollment_for_token, opt_out
 
 unsubscribe = Blueprint("unsubscribe", __name__)
 
@@ -29,6 +28,10 @@ def _page(title: str, body: str) -> Response:
 
 
 def _enrollment(token: str) -> Enrollment:
+    # Not at the top: flows.sequences brings the Gmail client and the Google libraries
+    # (about 17 MB resident), which a web process loads only once someone unsubscribes.
+    from flows.sequences import enrollment_for_token
+
     if len(token) > MAX_TOKEN_CHARS:
         abort(400, "This unsubscribe link is not valid: it is longer than any link we send.")
     enrollment = enrollment_for_token(token)
@@ -53,6 +56,8 @@ def confirm(token: str) -> Response:
 @unsubscribe.post("/unsubscribe/<token>")
 def one_click(token: str) -> Response:
     """Mark the address opted out and stop its sequences (the button, or the mail client)."""
+    from flows.sequences import opt_out  # local: see _enrollment
+
     opt_out(_enrollment(token), source="unsubscribe_link")
     company = escape(settings().company_name)
     return _page(
