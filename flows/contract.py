@@ -1,5 +1,7 @@
 """Contracts: a filled document out for e-signature through DocuSign, and what signing does."""
 
+from __future__ import annotations
+
 import base64
 import functools
 import hashlib
@@ -8,9 +10,8 @@ import logging
 import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import docusign_esign as ds
 import phonenumbers
 from babel import Locale, UnknownLocaleError
 from babel.dates import format_date
@@ -38,6 +39,9 @@ from core.docusign_events import (
 from core.runs import Result, RunContext, execute
 from core.store import ContractEnvelope, Event, as_utc, new_id, session, utcnow
 from core.templates import render_file
+
+if TYPE_CHECKING:
+    import docusign_esign as ds
 
 logger = logging.getLogger(__name__)
 
@@ -312,8 +316,17 @@ def _envelope_field(contracts: Contracts, problems: list[str]) -> str | None:
     return spec["field_code"]
 
 
+def _sdk() -> Any:
+    # Imported when a contract is built: docusign_esign loads all of its ~590 model modules
+    # at once (about 32 MB resident), which a worker that sends no contract never needs.
+    import docusign_esign
+
+    return docusign_esign
+
+
 def _custom_fields(deal_id: int, key: str) -> ds.CustomFields:
     # DocuSign has no idempotency key: this one lets a lost create be found again.
+    ds = _sdk()
     return ds.CustomFields(
         text_custom_fields=[
             ds.TextCustomField(name=DEAL_FIELD, value=str(deal_id), show="false"),
@@ -323,6 +336,7 @@ def _custom_fields(deal_id: int, key: str) -> ds.CustomFields:
 
 
 def _from_template(plan: Plan, deal_id: int, key: str) -> ds.EnvelopeDefinition:
+    ds = _sdk()
     template = plan.document.template
     assert template is not None
     tabs = ds.Tabs(
@@ -359,6 +373,7 @@ def _rendered_pdf(plan: Plan, context_name: str) -> bytes:
 
 
 def _from_google_doc(plan: Plan, deal_id: int, key: str) -> ds.EnvelopeDefinition:
+    ds = _sdk()
     doc = plan.document.google_doc
     assert doc is not None
     pdf = _rendered_pdf(plan, plan.file_name)
