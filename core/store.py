@@ -19,8 +19,12 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    insert,
+    select,
+    update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -273,6 +277,36 @@ def session() -> Iterator[Session]:
         raise
     finally:
         db.close()
+
+
+_INSERT_EVENT = insert(Event)
+
+
+def add_event(values: dict[str, Any]) -> tuple[str | None, bool]:
+    """Insert an event, committed on return; a known dedup_key counts a delivery: (id, new)."""
+    values = {"id": new_id(), **values}
+    if _insert(values):
+        return values["id"], True
+    with engine().begin() as connection:
+        event_id = connection.scalar(
+            select(Event.id).where(Event.dedup_key == values["dedup_key"])
+        )
+        connection.execute(
+            update(Event).where(Event.id == event_id).values(deliveries=Event.deliveries + 1)
+        )
+    return event_id, False
+
+
+def _insert(values: dict[str, Any]) -> bool:
+    """One INSERT, committed as it returns; False when the dedup_key is already stored."""
+    try:
+        with engine().connect() as connection:
+            # Autocommit: no BEGIN and COMMIT round trips, and no ORM unit of work.
+            connection.execution_options(isolation_level="AUTOCOMMIT")
+            connection.execute(_INSERT_EVENT, values)
+        return True
+    except IntegrityError:
+        return False
 
 
 def _after_fork_in_child() -> None:

@@ -11,12 +11,10 @@ import redis
 from flask import Request, abort, g, jsonify
 from flask.typing import ResponseReturnValue
 from pydantic import ValidationError
-from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
 
 from core import metrics, queue
 from core.leads import MalformedPayload
-from core.store import Event, session
+from core.store import add_event
 
 logger = logging.getLogger(__name__)
 
@@ -109,28 +107,20 @@ def _store(
         dedup_key = f"{source}:sha256:{hashlib.sha256(dedup_key.encode()).hexdigest()}"
     kind = kind[:64]
     reason = reason[:500] if reason else reason
-    try:
-        with session() as db:
-            event = Event(
-                source=source,
-                type=kind,
-                dedup_key=dedup_key,
-                status=status,
-                reason=reason,
-                data=data,
-                payload=raw.decode("utf-8", "replace"),
-            )
-            db.add(event)
-        return event.id, True
-    except IntegrityError:
-        with session() as db:
-            event_id = db.scalar(select(Event.id).where(Event.dedup_key == dedup_key))
-            db.execute(
-                update(Event).where(Event.id == event_id).values(deliveries=Event.deliveries + 1)
-            )
-        if event_id is None:
-            abort(503, "The event store refused the event; please deliver it again.")
-        return event_id, False
+    event_id, created = add_event(
+        {
+            "source": source,
+            "type": kind,
+            "dedup_key": dedup_key,
+            "status": status,
+            "reason": reason,
+            "data": data,
+            "payload": raw.decode("utf-8", "replace"),
+        }
+    )
+    if event_id is None:
+        abort(503, "The event store refused the event; please deliver it again.")
+    return event_id, created
 
 
 def enqueue(source: str, event_id: str) -> None:
