@@ -2,7 +2,6 @@
 
 import base64
 import binascii
-import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -260,8 +259,3 @@ def envelope_details(body: str | bytes) -> EnvelopeDetails:
         return _xml_details(_parse_xml(raw))
     payload = _json(raw)
     return _json_details(payload) if isinstance(payload, dict) else EnvelopeDetails()
-
-
-def fallback_dedup_key(body: bytes) -> str:
-    """The identity of a message we cannot use: its digest, so a redelivery is a duplicate."""
-    return f"docusign:unreadable:{hashlib.sha256(body).hexdigest()}"

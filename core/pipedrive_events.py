@@ -1,6 +1,5 @@
 """Pipedrive webhook bodies (v1 and v2) normalised into one typed event."""
 
-import hashlib
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -196,8 +195,3 @@ def event_from_pipedrive(payload: Any) -> PipedriveEvent | None:
     if str(meta.get("version")) == "2.0" or "entity" in meta:
         return _from_v2(meta, payload)
     return _from_v1(meta, payload)
-
-
-def fallback_dedup_key(body: bytes) -> str:
-    """The identity of a body we cannot read: its digest, so a redelivery is a duplicate."""
-    return f"pipedrive:unreadable:{hashlib.sha256(body).hexdigest()}"

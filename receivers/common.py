@@ -190,3 +190,21 @@ def answer(source: str, event_id: str, status: str, **extra: Any) -> ResponseRet
     """The contract's 200: the event id and what became of it."""
     count(source, status)
     return jsonify(event_id=event_id, status=status, **extra), 200
+
+
+def answer_unreadable(source: str, body: bytes, reason: str) -> ResponseReturnValue:
+    """Keep an authenticated body we cannot act on, as ignored, and answer 200.
+
+    Its digest is its identity, so a redelivery is a duplicate. A 4xx would only make the
+    vendor retry it (Pipedrive bans a webhook after ten failures, DocuSign backs off).
+    """
+    digest = hashlib.sha256(body).hexdigest()
+    event_id, status = store_event(
+        source,
+        None,
+        body,
+        kind="unknown",
+        dedup_key=f"{source}:unreadable:{digest}",
+        ignore_reason=reason,
+    )
+    return answer(source, event_id, status)

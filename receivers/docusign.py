@@ -9,10 +9,10 @@ from flask import request
 from flask.typing import ResponseReturnValue
 
 from core.config import DocuSign, settings
-from core.docusign_events import EnvelopeEvent, event_from_connect, fallback_dedup_key
+from core.docusign_events import EnvelopeEvent, event_from_connect
 from core.leads import MalformedPayload
 from receivers import webhooks
-from receivers.common import answer, describe, read_body, reject, store_event
+from receivers.common import answer, answer_unreadable, describe, read_body, reject, store_event
 
 SOURCE = "docusign"
 SIGNATURE_HEADER = re.compile(r"^x-docusign-signature-\d+$", re.IGNORECASE)
@@ -61,15 +61,9 @@ def docusign() -> ResponseReturnValue:
         return reject(SOURCE, 400, describe(exc))
 
     if event is None:
-        event_id, status = store_event(
-            SOURCE,
-            None,
-            body,
-            kind="unknown",
-            dedup_key=fallback_dedup_key(body),
-            ignore_reason="the message names no envelope this product can act on",
+        return answer_unreadable(
+            SOURCE, body, "the message names no envelope this product can act on"
         )
-        return answer(SOURCE, event_id, status)
 
     # Only the parsed envelope state goes into the event's data and the queue; the body,
     # with its PDFs, is the stored payload the worker reads them from.

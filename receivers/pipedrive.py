@@ -7,10 +7,11 @@ from flask.typing import ResponseReturnValue
 
 from core.config import settings
 from core.leads import MalformedPayload
-from core.pipedrive_events import PipedriveEvent, event_from_pipedrive, fallback_dedup_key
+from core.pipedrive_events import PipedriveEvent, event_from_pipedrive
 from receivers import webhooks
 from receivers.common import (
     answer,
+    answer_unreadable,
     describe,
     parse_json,
     read_body,
@@ -65,15 +66,9 @@ def pipedrive() -> ResponseReturnValue:
     # Anything else that authenticated gets a 200: a 4xx makes Pipedrive retry, and ten
     # failures ban the webhook for 30 minutes, losing the good events with the odd one.
     if event is None:
-        event_id, status = store_event(
-            SOURCE,
-            None,
-            body,
-            kind="unknown",
-            dedup_key=fallback_dedup_key(body),
-            ignore_reason="the body is not a Pipedrive change this product understands",
+        return answer_unreadable(
+            SOURCE, body, "the body is not a Pipedrive change this product understands"
         )
-        return answer(SOURCE, event_id, status)
 
     event_id, status = store_event(SOURCE, event, body, ignore_reason=_ignore_reason(event))
     return answer(SOURCE, event_id, status)
