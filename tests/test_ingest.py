@@ -2,29 +2,17 @@
 
 from concurrent.futures import ThreadPoolExecutor
 
-import redis
 from sqlalchemy import select
 
 from core import queue
 from core.store import Event, add_event, session
-from tests.conftest import as_bytes, load_fixture, queued_job_ids, typeform_headers
+from tests.conftest import queued_job_ids
 
 
 def test_a_job_that_waits_is_not_queued_twice(clean) -> None:
     assert queue.enqueue_event("once")
     assert not queue.enqueue_event("once")
     assert queued_job_ids() == ["once"]
-
-
-def test_redis_outage_stores_answers_and_leaves_it_to_the_sweep(client, monkeypatch) -> None:
-    unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
-    monkeypatch.setattr(queue, "connection", lambda: unreachable)
-    body = as_bytes(load_fixture("typeform/form_response.json"))
-    answer = client.post("/webhooks/typeform", data=body, headers=typeform_headers(body))
-
-    assert answer.status_code == 200 and answer.json["status"] == "queued"
-    with session() as db:
-        assert db.get(Event, answer.json["event_id"]).status == "queued"
 
 
 def test_the_inserted_row_has_its_defaults_and_json(clean) -> None:
