@@ -24,17 +24,17 @@ SWEEP_INTERVAL_S = 30
 # the sweep at about every 30 s even when no job arrives (and after Redis comes back empty).
 WORKER_TTL_S = 45
 # Warm again a little before the Pipedrive lookup cache (600 s) and the Google token (1 h)
-# run out, so the work-horses inherit fresh ones instead of each fetching its own.
+# run out, so that no job waits for a refresh.
 REWARM_INTERVAL_S = 300
 
 
 def warm_up() -> None:
-    """Build the connectors and fill their caches so that every forked work-horse inherits them.
+    """Build the connectors and fill their caches before the first job.
 
-    A forked work-horse starts from a copy of this process: what is built here (HTTP
-    sessions, Pipedrive users, stages and deal fields, the Google access token, compiled
-    email templates) is not fetched again per job. A vendor that is down only costs the
-    warm-up: the horses then fetch what they need themselves.
+    What is built here (HTTP sessions, Pipedrive users, stages and deal fields, the Google
+    access token, compiled email templates) is not fetched again per job: the in-process
+    worker keeps it, and FlowWorker's forked work-horses inherit it. A vendor that is down
+    only costs the warm-up: the jobs then fetch what they need themselves.
     """
     current = settings()
     started = time.perf_counter()
